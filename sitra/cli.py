@@ -1,0 +1,65 @@
+"""Command-line plumbing shared by every `jobs/*.py` script.
+
+Bad input is raised as `UsageError` anywhere before compute starts; `main` turns it into one line
+on stderr and exit code 2, the same as argparse does for a bad flag value.
+"""
+import dataclasses
+import sys
+
+from transformers import HfArgumentParser
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the message names the flag and what is allowed."""
+
+
+class OneLineParser(HfArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def parse(args_class, argv=None):
+    """Parse argv into `args_class`; unknown flags are one-line errors too (exit 2)."""
+    parser = OneLineParser(args_class)
+    args, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(args_class, run, argv=None):
+    """What a job script does: parse the flags, call `run`, report bad input in one line."""
+    args = parse(args_class, argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        sys.stderr.write(f"{sys.argv[0]}: error: {e}\n")
+        sys.exit(2)
+
+
+def apply_preset(args, presets: dict):
+    """Fill every field left at its default from the named preset (`--preset NAME`).
+
+    A flag given explicitly on the command line keeps its value unless it equals the default.
+    """
+    if not getattr(args, "preset", None):
+        return args
+    if args.preset not in presets:
+        raise UsageError(f"--preset {args.preset}: unknown; choose from {', '.join(presets)}")
+    names = {f.name for f in dataclasses.fields(args)}
+    values = {k: v for k, v in presets[args.preset]().items() if k in names}
+    defaults = {f.name: _default(f) for f in dataclasses.fields(args)}
+    return dataclasses.replace(
+        args, **{k: v for k, v in values.items() if getattr(args, k) == defaults[k]}
+    )
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING

@@ -1,0 +1,87 @@
+"""Tokenising lines and BERT's masked-language-model masking, reproducible per batch."""
+import numpy as np
+import torch
+
+
+def tokenize_lines(lines: list[str], tokenizer, max_seq_length: int, min_tokens: int = 4) -> list[list[int]]:
+    """Token ids per line, with special tokens, cut to `max_seq_length`; very short lines dropped."""
+    ids = tokenizer(lines, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
+    return [x for x in ids if len(x) >= min_tokens]
+
+
+def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one batch: the same batch always gets the same masks."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class MLMCollator:
+    """Pads a list of token-id lists and applies BERT masking.
+
+    Of the non-special, non-padding tokens, each is chosen with probability `mlm_probability`;
+    a chosen token becomes the mask token (80%), a random non-special token (10%) or stays (10%).
+    `labels` hold the original ids at chosen positions and -100 elsewhere.
+    """
+
+    def __init__(self, tokenizer, mlm_probability: float = 0.15, pad_to_multiple_of: int | None = None):
+        self.pad_id = tokenizer.pad_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        vocab = torch.arange(len(tokenizer))
+        self.random_ids = vocab[~torch.isin(vocab, self.special_ids)]
+        self.mlm_probability = mlm_probability
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def pad(self, examples: list[list[int]]):
+        T = max(len(x) for x in examples)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
+        for i, x in enumerate(examples):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            attention_mask[i, : len(x)] = 1
+        return input_ids, attention_mask
+
+    def __call__(self, examples: list[list[int]], generator: torch.Generator) -> dict:
+        input_ids, attention_mask = self.pad(examples)
+        maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
+        chosen = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        action = torch.rand(input_ids.shape, generator=generator)
+        random_tokens = self.random_ids[
+            torch.randint(len(self.random_ids), input_ids.shape, generator=generator)
+        ]
+        masked = input_ids.clone()
+        masked[chosen & (action < 0.8)] = self.mask_id
+        replace = chosen & (action >= 0.8) & (action < 0.9)
+        masked[replace] = random_tokens[replace]
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+
+
+class Batches:
+    """Epochs of collated batches over in-memory examples, resumable at any batch.
+
+    The order of epoch e is a permutation drawn from (seed, e), so a resumed run that skips the
+    first `start` batches sees exactly what an uninterrupted run saw; masks come from
+    `batch_generator(seed, epoch, batch index)`. With shuffle=False (evaluation) every model sees
+    the same batches with the same masks.
+    """
+
+    def __init__(self, examples, batch_size: int, collate, seed: int = 0, shuffle: bool = True):
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.seed, self.shuffle = seed, shuffle
+
+    def __len__(self):
+        return -(-len(self.examples) // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.examples))
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
+
+    def epoch(self, epoch: int = 0, start: int = 0):
+        order = self.order(epoch)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            yield self.collate([self.examples[i] for i in idx], batch_generator(self.seed, epoch, b))

@@ -1,0 +1,99 @@
+"""Metrics over fixed masked batches, and the tables users read."""
+import math
+
+import torch
+
+from sitra.models.capture import last_hidden_state
+
+
+class MLMMetrics:
+    """Accumulates MLM accuracy, top-5 accuracy and perplexity over masked positions."""
+
+    def __init__(self):
+        self.nll = self.top1 = self.top5 = self.count = 0.0
+
+    def update(self, logits, labels):
+        chosen = labels != -100
+        logits, labels = logits[chosen].float(), labels[chosen]
+        self.nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        self.top1 += float((top5[:, 0] == labels).sum())
+        self.top5 += float((top5 == labels[:, None]).any(-1).sum())
+        self.count += int(chosen.sum())
+
+    def result(self) -> dict:
+        n = max(self.count, 1)
+        return {"mlm_accuracy": self.top1 / n, "mlm_top5_accuracy": self.top5 / n,
+                "perplexity": math.exp(self.nll / n), "masked_tokens": self.count}
+
+
+class HiddenFidelity:
+    """Mean cosine similarity and MSE of hidden states to the teacher's, over real tokens."""
+
+    def __init__(self):
+        self.cos = self.sq = self.tokens = self.elements = 0.0
+
+    def update(self, hidden, teacher_hidden, token_mask):
+        h, t = hidden[token_mask].float(), teacher_hidden[token_mask].float()
+        self.cos += float(torch.nn.functional.cosine_similarity(h, t, dim=-1).sum())
+        self.sq += float((h - t).square().sum())
+        self.tokens += h.shape[0]
+        self.elements += h.numel()
+
+    def result(self) -> dict:
+        return {"hidden_cosine": self.cos / max(self.tokens, 1), "hidden_mse": self.sq / max(self.elements, 1)}
+
+
+@torch.inference_mode()
+def evaluate_models(models: dict, teacher_name: str, batches, device, desc="evaluating") -> dict:
+    """{name: metrics} for every model on the same batches (same masks for all).
+
+    MLM metrics where a model has an MLM head; hidden-state fidelity to `models[teacher_name]`
+    where the hidden sizes agree.
+    """
+    from tqdm.auto import tqdm
+
+    mlm = {n: MLMMetrics() for n, m in models.items() if hasattr(m, "cls")}
+    teacher = models[teacher_name]
+    fidelity = {n: HiddenFidelity() for n, m in models.items()
+                if m.config.hidden_size == teacher.config.hidden_size}
+    for batch in tqdm(batches.epoch(0), total=len(batches), desc=desc, mininterval=1.0):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        token_mask = batch["attention_mask"].bool()
+        teacher_hidden = last_hidden_state(teacher, batch["input_ids"], batch["attention_mask"])
+        for name, model in models.items():
+            hidden = teacher_hidden if model is teacher else last_hidden_state(model, batch["input_ids"], batch["attention_mask"])
+            if name in mlm:
+                mlm[name].update(model.cls(hidden), batch["labels"])
+            if name in fidelity:
+                fidelity[name].update(hidden, teacher_hidden, token_mask)
+    out = {}
+    for name, model in models.items():
+        out[name] = {"parameters": sum(p.numel() for p in model.parameters())}
+        out[name].update(mlm[name].result() if name in mlm else {})
+        out[name].update(fidelity[name].result() if name in fidelity else {})
+    return out
+
+
+def format_table(results: dict, gap: tuple[str, str] | None = None) -> str:
+    """A Markdown table: one row per metric, one column per model, plus `gap` = (a - b)."""
+    names = list(results)
+    metrics = [m for m in dict.fromkeys(k for r in results.values() for k in r)]
+    header = ["Metric", *names] + (["Gap"] if gap else [])
+    rows = [header, ["---"] * len(header)]
+    for m in metrics:
+        row = [m] + [_fmt(results[n].get(m)) for n in names]
+        if gap:
+            a, b = results[gap[0]].get(m), results[gap[1]].get(m)
+            row.append(_fmt(a - b) if a is not None and b is not None else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows)
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
+        return f"{int(v):,}"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"

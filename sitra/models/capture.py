@@ -1,0 +1,46 @@
+"""Read a teacher's intermediate tensors without running the layers it does not need."""
+import torch
+
+from sitra.models.bert import encoder_layers
+
+
+class _Stop(Exception):
+    pass
+
+
+def block_io(model, layer: int, input_ids, attention_mask):
+    """(input of layer `layer`, output of its attention block) for a batch.
+
+    The forward stops right after the attention block (dense + residual + LayerNorm of
+    `BertSelfOutput`), so layers above it cost nothing. Run it under `torch.inference_mode`.
+    """
+    captured = {}
+    target = encoder_layers(model)[layer]
+
+    def take_input(module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def take_output(module, args, output):
+        captured["out"] = output[0]
+        raise _Stop
+
+    handles = [target.register_forward_pre_hook(take_input, with_kwargs=True),
+               target.attention.register_forward_hook(take_output)]
+    try:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured["x"], captured["out"]
+
+
+def last_hidden_state(model, input_ids, attention_mask):
+    """[B, T, H] output of the last layer, for models with or without an MLM head."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def mlm_logits_from_hidden(model, hidden):
+    """The MLM head of `model` applied to hidden states [B, T, H] -> [B, T, V]."""
+    return model.cls(hidden)

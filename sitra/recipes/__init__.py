@@ -1,0 +1,1 @@
+"""One module per job: its argument dataclass and its `run(args)`."""

@@ -1,0 +1,219 @@
+"""One HDF5 log per job, and where each run keeps its files.
+
+Layout of `<storage>/eval_results/<run>.h5`:
+  attrs   job, run_name, config (JSON of the arguments), sitra_version, git_commit, job_id,
+          host, started_at, finished_at, wall_time_s, status (running | complete | failed), error
+  train/  step, loss, lr, grad_norm, tokens_per_s, ... (one 1-D dataset per number, on `step`)
+  eval/   step and one dataset per metric
+  final/  attrs: the final metrics
+
+Every write goes to a copy that then replaces the file (`os.replace`), so the file on disk is
+always a whole HDF5 file; `status` becomes `complete` only in the last write of a job.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from sitra.cli import UsageError
+from sitra.version import __version__
+
+# Arguments that do not change what a run computes, so a rerun may differ in them and resume.
+NOT_PART_OF_RUN = {"stop_after_steps", "overwrite", "storage_directory", "run_name", "device"}
+
+
+def config_dict(args) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(args), default=str))
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def job_id() -> str:
+    e = os.environ
+    if "SLURM_ARRAY_JOB_ID" in e:
+        return f"{e['SLURM_ARRAY_JOB_ID']}_{e.get('SLURM_ARRAY_TASK_ID', '')}"
+    return e.get("SLURM_JOB_ID", "")
+
+
+def atomic_write(path: Path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunLog:
+    """The HDF5 log of one job. Numbers are buffered and written by `flush()`."""
+
+    def __init__(self, path: Path, job: str, run_name: str, config: dict):
+        self.path = Path(path)
+        self._pending = {"train": [], "eval": []}
+        self._session_start = time.time()
+        self._prior_wall, self._started_at = 0.0, time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._attrs = {
+            "job": job, "run_name": run_name, "config": json.dumps(config, sort_keys=True),
+            "sitra_version": __version__, "git_commit": _git_commit(), "job_id": job_id(),
+            "host": socket.gethostname(), "status": "running", "error": "",
+        }
+        self._started = False
+
+    def start(self, resume_step: int | None = None):
+        """Begin a fresh log, or continue the log of a run resumed at `resume_step`."""
+        if resume_step is not None and self.path.exists():
+            try:
+                self._prior_wall, self._started_at = self._reopen(resume_step)
+            except (OSError, KeyError):  # unreadable: keep it aside, start a new one
+                os.replace(self.path, self.path.with_suffix(".h5.corrupt"))
+        else:
+            self.path.unlink(missing_ok=True)  # replaces the log of an attempt that saved nothing
+        self._started = True
+        self.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        """A job that raised is marked failed; one that was interrupted stays `running`."""
+        from sitra.train import Interrupted
+
+        if kind is not None and not issubclass(kind, Interrupted):
+            import traceback
+
+            self.fail("".join(traceback.format_exception(kind, error, tb)))
+        elif kind is not None:
+            self.flush()
+        return False
+
+    def _reopen(self, step):
+        """Continue an interrupted log: keep what was logged up to `step`, drop the rest."""
+        def keep_upto_step(tmp):
+            shutil.copy(self.path, tmp)
+            with h5py.File(tmp, "a") as f:
+                for group in ("train", "eval"):
+                    if group in f:
+                        keep = int((f[group]["step"][:] <= step).sum())
+                        for ds in f[group].values():
+                            ds.resize((keep,))
+                prior, started = float(f.attrs.get("wall_time_s", 0.0)), str(f.attrs["started_at"])
+            return prior, started
+
+        result = {}
+        atomic_write(self.path, lambda tmp: result.setdefault("v", keep_upto_step(tmp)))
+        return result["v"]
+
+    def train(self, step: int, **numbers):
+        self._pending["train"].append({"step": step, **numbers})
+
+    def eval(self, step: int, **numbers):
+        self._pending["eval"].append({"step": step, **numbers})
+
+    def flush(self, final: dict | None = None, status: str | None = None, error: str = ""):
+        if not self._started:
+            self.start()
+        attrs = dict(self._attrs, started_at=self._started_at, wall_time_s=self._prior_wall + time.time() - self._session_start)
+        if status:
+            attrs.update(status=status, error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        pending, self._pending = self._pending, {"train": [], "eval": []}
+
+        def write(tmp):
+            if self.path.exists():
+                shutil.copy(self.path, tmp)
+            with h5py.File(tmp, "a") as f:
+                for group, rows in pending.items():
+                    _append_rows(f.require_group(group), rows)
+                if final is not None:
+                    g = f.require_group("final")
+                    for k, v in final.items():
+                        g.attrs[k] = v
+                for k, v in attrs.items():
+                    f.attrs[k] = v
+
+        atomic_write(self.path, write)
+
+    def complete(self, final: dict):
+        self.flush(final=final, status="complete")
+
+    def fail(self, error: str):
+        self.flush(status="failed", error=error[-2000:])
+
+
+def _append_rows(group, rows):
+    if not rows:
+        return
+    keys = sorted({k for r in rows for k in r})
+    n0 = len(group["step"]) if "step" in group else 0
+    for k in keys:
+        if k not in group:
+            group.create_dataset(k, shape=(n0,), maxshape=(None,), dtype="f8", fillvalue=np.nan)
+    for k, ds in group.items():
+        ds.resize((n0 + len(rows),))
+        ds[n0:] = [r.get(k, np.nan) for r in rows]
+
+
+def read_log(path) -> dict:
+    """Everything in a log as plain Python: attrs, train/eval arrays, final metrics."""
+    with h5py.File(path, "r") as f:
+        out = {"attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}}
+        for group in ("train", "eval"):
+            out[group] = {k: ds[:] for k, ds in f[group].items()} if group in f else {}
+        out["final"] = dict(f["final"].attrs) if "final" in f else {}
+    out["config"] = json.loads(out["attrs"]["config"])
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """Where one run keeps its files: `checkpoints/<name>/` and `eval_results/<name>.h5`."""
+    name: str
+    checkpoint_dir: Path
+    log_path: Path
+    config: dict
+
+
+def open_run(args, default_name: str) -> Run:
+    """The run's paths; refuses to mix a different configuration into an existing run."""
+    name = args.run_name or default_name
+    root = Path(args.storage_directory)
+    run = Run(name, root / "checkpoints" / name, root / "eval_results" / f"{name}.h5", config_dict(args))
+    saved = run.checkpoint_dir / "args.json"
+    if args.overwrite:
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+        run.log_path.unlink(missing_ok=True)
+    elif saved.exists():
+        differ = diff_configs(json.loads(saved.read_text()), run.config)
+        if differ:
+            raise UsageError(
+                f"--run_name {name}: {run.checkpoint_dir} holds a run with other arguments "
+                f"({differ}); choose another --run_name or pass --overwrite"
+            )
+    try:
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--storage_directory {root}: cannot write there ({e.strerror})") from None
+    atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(run.config, indent=1, sort_keys=True)))
+    return run
+
+
+def diff_configs(old: dict, new: dict) -> str:
+    keys = sorted((set(old) | set(new)) - NOT_PART_OF_RUN)
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))

@@ -1,0 +1,259 @@
+"""The one training loop every sitra job uses, resumable from its latest checkpoint.
+
+A checkpoint (`checkpoints/<run>/latest.pt`) holds the trainable weights, optimizer, scheduler,
+grad scaler, RNG states and the data position (epoch, batch within the epoch); it is written to a
+temporary file and renamed. Rerunning the same command resumes from it and, on CPU, ends with the
+same parameters bit for bit as a run that was never stopped.
+"""
+import math
+import random
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from sitra.cli import UsageError
+from sitra.models.teacher import pick_device
+from sitra.results import atomic_write
+
+SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Flags every training job shares."""
+    storage_directory: str = field(default=".", metadata={"help": "checkpoints/ and eval_results/ are made under it"})
+    run_name: str | None = field(default=None, metadata={"help": "folder name of this run (default: from the job's flags)"})
+    overwrite: bool = field(default=False, metadata={"help": "start over instead of resuming an existing run"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps to train; 0: as many as --epochs give"})
+    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    adam_weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    lr_scheduler: Literal[SCHEDULERS] = field(default="linear", metadata={"help": "learning-rate shape after warm-up"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip gradients to this norm; 0: no clipping"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps; 0: at the end of each epoch"})
+    save_checkpoint_every: float = field(default=1.0, metadata={"help": "save a checkpoint every N epochs (fractions allowed)"})
+    save_steps: int = field(default=0, metadata={"help": "save a checkpoint every N steps (overrides --save_checkpoint_every)"})
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "autocast dtype; auto: bf16 on a GPU that has it, else fp32"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    stop_after_steps: int = field(default=0, metadata={"help": "save and stop once this step is reached (rerun to resume); 0: off"})
+
+
+def check_train_args(args: TrainArgs):
+    """One-line errors for loop flags, before any compute."""
+    positive = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "epochs": args.epochs if not args.max_steps else 1}
+    for name, v in positive.items():
+        if v < 1:
+            raise UsageError(f"--{name} {v}: must be at least 1")
+    for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "stop_after_steps"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be 0 or more")
+    if not args.lr > 0:
+        raise UsageError(f"--lr {args.lr}: must be positive")
+    if not args.save_checkpoint_every > 0:
+        raise UsageError(f"--save_checkpoint_every {args.save_checkpoint_every}: must be positive (epochs)")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        raise UsageError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu or auto")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Interrupted(Exception):
+    """Training saved a checkpoint and stopped early; rerunning the job resumes it."""
+
+
+_stop_requested = threading.Event()
+
+
+def request_stop():
+    """Ask the running loop to save and stop after the current step (signal-handler safe)."""
+    _stop_requested.set()
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return nullcontext, False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), precision == "fp16"
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _freeze_modes(model):
+    """Train mode for modules being trained; frozen modules run as at inference (no dropout)."""
+    model.train()
+    for m in model.modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+def _optimizer(model, args):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.adam_weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class Progress:
+    step: int = 0          # optimizer steps done
+    epoch: int = 0         # current epoch
+    batch: int = 0         # micro-batches of the current epoch already consumed
+    best: float = math.inf
+    best_step: int = -1
+    last_eval_step: int = -1
+
+
+def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, select: str = "eval_loss"):
+    """Train the parameters of `model` that require grad; returns the final `Progress`.
+
+    step_loss(batch) -> (loss, {name: float}) computes one micro-batch's loss (the mean over its
+    positions); micro-batch losses are averaged over the accumulation group. evaluate() -> dict
+    gives held-out metrics; the checkpoint with the lowest `select` is kept as best.safetensors.
+    """
+    device = pick_device(args.device)
+    autocast, use_scaler = autocast_for(device, args.precision)
+    optimizer = _optimizer(model, args)
+    accum = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(batches) / accum)
+    total = args.max_steps or args.epochs * steps_per_epoch
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    save_every = args.save_steps or max(1, round(args.save_checkpoint_every * steps_per_epoch))
+    eval_every = args.eval_steps or steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    latest, best_path = run.checkpoint_dir / "latest.pt", run.checkpoint_dir / "best.safetensors"
+
+    progress = Progress()
+    if latest.exists():
+        ckpt = torch.load(latest, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        progress = Progress(**ckpt["progress"])
+        _set_rng_state(ckpt["rng"])
+        log.start(resume_step=progress.step)
+        print(f"resuming {run.name} from step {progress.step} of {total}")
+    else:
+        log.start()
+
+    def save():
+        log.flush()
+        state = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "progress": vars(progress).copy(), "rng": _rng_state(), "config": run.config}
+        atomic_write(latest, lambda tmp: torch.save(state, tmp))
+
+    def run_eval():
+        model.eval()
+        with torch.inference_mode(), autocast():
+            metrics = evaluate()
+        _freeze_modes(model)
+        progress.last_eval_step = progress.step
+        log.eval(progress.step, **metrics)
+        if metrics[select] < progress.best:
+            progress.best, progress.best_step = float(metrics[select]), progress.step
+            meta = {"step": str(progress.step), select: str(metrics[select])}
+            atomic_write(best_path, lambda tmp: save_file(
+                {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata=meta))
+        return metrics
+
+    _freeze_modes(model)
+    bar = tqdm(total=total, initial=progress.step, desc=run.name, mininterval=1.0, dynamic_ncols=True)
+    _stop_requested.clear()
+    while progress.step < total:
+        micro = []
+        tick, tokens = time.perf_counter(), 0
+        for batch in batches.epoch(progress.epoch, start=progress.batch):
+            micro.append(batch)
+            progress.batch += 1
+            epoch_done = progress.batch == len(batches)
+            if len(micro) < accum and not epoch_done:
+                continue
+            parts_sum = {}
+            for b in micro:
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                with autocast():
+                    loss, parts = step_loss(b)
+                scaler.scale(loss / len(micro)).backward()
+                tokens += int(b["attention_mask"].sum())
+                for k, v in {"loss": float(loss.detach()), **parts}.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / len(micro)
+            micro = []
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            progress.step += 1
+            if epoch_done:
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+            elapsed = time.perf_counter() - tick
+            tok_s = tokens / max(elapsed, 1e-9)
+            log.train(progress.step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, **parts_sum)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}", tok_s=f"{tok_s:.0f}")
+            tick, tokens = time.perf_counter(), 0
+            done = progress.step >= total
+            if evaluate and (progress.step % eval_every == 0 or done):
+                metrics = run_eval()
+                bar.write(f"step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if progress.step % save_every == 0 or done:
+                save()
+            stop = _stop_requested.is_set() or progress.step == args.stop_after_steps
+            if stop and not done:
+                save()
+                bar.close()
+                raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
+            if done or epoch_done:
+                break
+    bar.close()
+    if not best_path.exists() or not evaluate:
+        atomic_write(best_path, lambda tmp: save_file(
+            {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata={"step": str(progress.step)}))
+    return progress
