@@ -201,6 +201,8 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
                 {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata=meta))
         return metrics
 
+    if evaluate and progress.step == 0 and progress.last_eval_step < 0:
+        run_eval()  # the starting point, so every log shows how far training moved
     _freeze_modes(model)
     bar = tqdm(total=total, initial=progress.step, desc=run.name, mininterval=1.0, dynamic_ncols=True)
     _stop_requested.clear()
