@@ -35,13 +35,19 @@ def build_tokenizer(folder: Path, vocab_size: int = 400):
     return fast
 
 
-def build_teacher(folder: Path, mlm: bool = True, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM, BertModel
+def build_teacher(folder: Path, mlm: bool = True, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0,
+                  tokenizer_from: str | None = None):
+    """A random tiny BERT saved with a tokenizer (trained anew, or copied from `tokenizer_from`)."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
-    tokenizer = build_tokenizer(folder)
+    if tokenizer_from:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        tokenizer.save_pretrained(folder)
+    else:
+        tokenizer = build_tokenizer(folder)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=128,
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
     torch.manual_seed(seed)
     model = (BertForMaskedLM if mlm else BertModel)(config)
     model.save_pretrained(folder)

@@ -1,5 +1,6 @@
 """The block-retraining jobs end to end: retrain, build, evaluate, and bad input."""
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,24 @@ def test_quickstart_commands(minilm, tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
     assert "| hidden_cosine |" in out.stdout and "Gap" in out.stdout
+
+
+def test_eval_with_a_reference_of_another_width(tiny_teacher, text_files, tmp_path, capsys):
+    from conftest import build_teacher
+
+    reference = build_teacher(tmp_path / "wide", hidden=48, heads=4, layers=2, seed=1, tokenizer_from=tiny_teacher)
+    metrics = eval_retrained.run(eval_retrained.EvalArgs(
+        teacher=tiny_teacher, model=tiny_teacher, reference=reference, storage_directory=str(tmp_path),
+        train_file=str(text_files / "train.txt"), eval_file=str(text_files / "eval.txt"), max_seq_length=32,
+        batch_size=8, device="cpu", percentage_data=0.5))
+    assert metrics["model"]["mlm_accuracy"] == metrics["teacher"]["mlm_accuracy"]  # same model, same masks
+    assert "hidden_cosine" not in metrics["reference"] and "mlm_accuracy" in metrics["reference"]
+    assert metrics["reference"]["masked_tokens"] == metrics["teacher"]["masked_tokens"]
+    assert re.search(r"\| Metric +\| teacher +\| model +\| reference +\| Gap", capsys.readouterr().out)
+
+
+def test_build_refuses_an_unfinished_block_run(tiny_teacher, text_files, tmp_path):
+    run = retrain_single_block.run(block_args(tiny_teacher, text_files, tmp_path, max_steps=2))
+    (run.checkpoint_dir / "best.safetensors").unlink()
+    with pytest.raises(UsageError, match="--checkpoints .*: no best.safetensors"):
+        build_retrained.run(build_retrained.BuildArgs(teacher=tiny_teacher, checkpoints=[str(run.checkpoint_dir)]))

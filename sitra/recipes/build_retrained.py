@@ -41,6 +41,8 @@ def read_block(folder: Path, teacher: str, hidden_size: int):
         raise UsageError(f"--checkpoints {folder}: not a {BLOCK_JOB} run")
     if config["teacher"] != teacher:
         raise UsageError(f"--checkpoints {folder}: trained against {config['teacher']}, not --teacher {teacher}")
+    if not (folder / "best.safetensors").exists():
+        raise UsageError(f"--checkpoints {folder}: no best.safetensors (the block run has not finished)")
     weights = load_block_weights(folder)
     heads = config["block_heads"]
     d_k = weights["query.weight"].shape[0] // heads

@@ -1,0 +1,25 @@
+"""README.md documents every flag of every job, and starts with the two commands."""
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from sitra.recipes.build_retrained import BuildArgs
+from sitra.recipes.eval_retrained import EvalArgs
+from sitra.recipes.retrain_single_block import BlockArgs
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args_class", [BlockArgs, BuildArgs, EvalArgs], ids=lambda c: c.__name__)
+def test_every_flag_is_documented(args_class):
+    missing = [f.name for f in dataclasses.fields(args_class) if f"`--{f.name}`" not in README]
+    assert not missing, f"README.md lacks {missing}"
+
+
+def test_readme_starts_with_install_and_test_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    assert "pip install torch==2.13.0" in blocks[0] and "--preset quickstart" in blocks[0]
+    assert blocks[0].index("torch==2.13.0") < blocks[0].index("pip install -e")
+    assert blocks[1].strip().startswith("python -m pytest")
