@@ -5,6 +5,7 @@ on stderr and exit code 2, the same as argparse does for a bad flag value.
 """
 import dataclasses
 import sys
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -14,13 +15,21 @@ class UsageError(ValueError):
 
 
 class OneLineParser(HfArgumentParser):
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)  # --block must not mean --blocks
+
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
+        fail(message)
 
 
-def parse(args_class, argv=None):
-    """Parse argv into `args_class`; unknown flags are one-line errors too (exit 2)."""
+def parse(args_class, argv=None, positional: str | None = None):
+    """Parse argv into `args_class`; unknown flags are one-line errors too (exit 2).
+
+    `positional` names a field that may also be given as the first bare argument.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{positional}", *argv]
     parser = OneLineParser(args_class)
     args, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
@@ -30,14 +39,26 @@ def parse(args_class, argv=None):
     return args
 
 
-def main(args_class, run, argv=None):
-    """What a job script does: parse the flags, call `run`, report bad input in one line."""
-    args = parse(args_class, argv)
+def main(args_class, run, argv=None, positional: str | None = None):
+    """What a job script does: parse the flags, call `run`, report bad input in one line.
+
+    A job stopped early (`--stop_after_steps`, a preemption signal) says so and exits 0.
+    """
+    from sitra.train import Interrupted
+
+    args = parse(args_class, argv, positional)
     try:
         return run(args)
     except UsageError as e:
-        sys.stderr.write(f"{sys.argv[0]}: error: {e}\n")
-        sys.exit(2)
+        fail(str(e))
+    except Interrupted as e:
+        print(e)
+
+
+def fail(message: str):
+    """One line on stderr, exit code 2: how every bad input ends."""
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.exit(2)
 
 
 def apply_preset(args, presets: dict):

@@ -97,3 +97,50 @@ def _fmt(v):
     if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
         return f"{int(v):,}"
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"
+
+
+def heatmap(rows: list[dict], axes: list[str], metric: str, path):
+    """PNG of `metric` over the first two sweep axes, one panel per value of the third
+    (block x d_k per head count for a block sweep); a bar chart when there is one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    order = sorted(axes, key=lambda a: ["block", "block_d_k", "block_heads"].index(a)
+                   if a in ("block", "block_d_k", "block_heads") else 3)
+    if len(order) == 1:
+        fig, ax = plt.subplots(figsize=(max(4, len(rows) * 0.6), 3))
+        ax.bar([str(r[order[0]]) for r in rows], [r.get(metric, np.nan) for r in rows])
+        ax.set_xlabel(order[0]), ax.set_ylabel(metric)
+        fig.tight_layout(), fig.savefig(path, format="png", dpi=120), plt.close(fig)
+        return
+
+    def key(v):
+        try:
+            return (0, float(v))
+        except (TypeError, ValueError):
+            return (1, str(v))
+
+    ra, ca, pa = order[0], order[1], order[2] if len(order) > 2 else None
+    rv = sorted({str(r[ra]) for r in rows}, key=key)
+    cv = sorted({str(r[ca]) for r in rows}, key=key)
+    pv = sorted({str(r[pa]) for r in rows}, key=key) if pa else [None]
+    fig, axs = plt.subplots(1, len(pv), figsize=(2 + 1.0 * len(cv) * len(pv), 1.5 + 0.45 * len(rv)), squeeze=False)
+    for ax, p in zip(axs[0], pv):
+        grid = np.full((len(rv), len(cv)), np.nan)
+        for r in rows:
+            if pa is None or str(r[pa]) == p:
+                grid[rv.index(str(r[ra])), cv.index(str(r[ca]))] = r.get(metric, np.nan)
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(cv)), cv), ax.set_yticks(range(len(rv)), rv)
+        ax.set_xlabel(ca), ax.set_ylabel(ra)
+        ax.set_title(f"{pa} = {p}" if pa else metric)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+        fig.colorbar(im, ax=ax, label=metric)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

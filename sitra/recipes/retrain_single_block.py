@@ -140,3 +140,6 @@ def load_block_weights(checkpoint_dir):
     if not path.exists():
         raise UsageError(f"{checkpoint_dir}: no best.safetensors (the block run did not finish)")
     return load_file(str(path))
+
+
+ARGS = BlockArgs
