@@ -183,6 +183,21 @@ class JobTask(submitit.helpers.Checkpointable):
                 signal.signal(sig, submitit_handler)
                 submitit_handler(sig, None)  # checkpoint() -> requeue -> exit
             raise
+        except Exception:
+            self.record_failure(args)
+            raise
+
+    def record_failure(self, args):
+        """A task that failed before its job opened a log still leaves a `failed` log behind,
+        so collect_results reports it as failed, with the error, not as missing."""
+        import traceback
+
+        from sitra.results import RunLog
+
+        if getattr(args, "run_name", None) and hasattr(args, "storage_directory"):
+            path = Path(args.storage_directory) / "eval_results" / f"{args.run_name}.h5"
+            if not path.exists():
+                RunLog(path, self.job, args.run_name, config_dict(args)).fail(traceback.format_exc())
 
 
 def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):

@@ -69,10 +69,11 @@ def with_student_blocks(model, blocks: dict):
         layout[str(i)] = [b.heads, b.d_k, b.dropout]
     values = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_COPIED}
     config = SitraBertConfig(**{**values, "attn_layout": layout})
+    same = dict(attn_implementation=model.config._attn_implementation, dtype=model.dtype)  # keep how it runs
     if isinstance(model, BertForMaskedLM):
-        new = SitraBertForMaskedLM(config)
+        new = SitraBertForMaskedLM._from_config(config, **same)
     else:
-        new = SitraBertModel(config, add_pooling_layer=model.pooler is not None)
+        new = SitraBertModel._from_config(config, add_pooling_layer=model.pooler is not None, **same)
     teacher_state = {k: v for k, v in model.state_dict().items()
                      if not any(k.startswith(_self_prefix(model, i)) for i in blocks)}
     missing, unexpected = new.load_state_dict(teacher_state, strict=False)

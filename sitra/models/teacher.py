@@ -19,18 +19,32 @@ def minilm_path() -> str:
         ) from None
 
 
+def _local_or_hub(name: str, flag: str) -> str:
+    """A local folder as a string path, or a hub id; a path-like name that does not exist is an error."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{flag} {name}: not a model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"{flag} {name}: no such model folder")
+    return name
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_config(name: str, flag: str = "--teacher"):
     """The model's config, or a one-line UsageError naming `flag` (cheap: no weights)."""
-    path = Path(name).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
+    source = _local_or_hub(name, flag)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise UsageError(f"{flag} {name}: folder has no config.json (not a model folder)")
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise UsageError(f"{flag} {name}: no such model folder")
     try:
-        return AutoConfig.from_pretrained(str(path) if path.exists() else name)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{flag} {name}: cannot load a model config ({first})") from None
+        raise UsageError(f"{flag} {name}: cannot load a model config ({_first_line(e)})") from None
 
 
 def has_mlm_head(config) -> bool:
@@ -42,19 +56,27 @@ def load_model(name: str, device="cpu", mlm: bool | None = None, flag: str = "--
     config = load_config(name, flag)
     mlm = has_mlm_head(config) if mlm is None else mlm
     auto = AutoModelForMaskedLM if mlm else AutoModel
-    source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-    model = auto.from_pretrained(source, config=config).to(device).eval()
+    try:
+        model = auto.from_pretrained(_local_or_hub(name, flag), config=config)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {name}: cannot load the model weights ({_first_line(e)})") from None
+    model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "tokenizer.model")
+
+
 def load_tokenizer(name: str, flag: str = "--teacher"):
-    source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    source = _local_or_hub(name, flag)
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise UsageError(f"{flag} {name}: folder has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {name}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{flag} {name}: cannot load its tokenizer ({_first_line(e)})") from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
