@@ -101,7 +101,12 @@ def sweep_axes(largs: LaunchArgs, args_class) -> dict[str, list[str]]:
 
 
 def task_name(values: dict) -> str:
-    return "-".join(f"{k}{v}" for k, v in values.items()) or "task"
+    """A file-name-safe name from the sweep values: block6-block_d_k64-block_heads8."""
+    def short(v):
+        v = str(v)
+        return re.sub(r"[^\w.=+-]+", "_", Path(v).name if "/" in v else v)
+
+    return "-".join(f"{k}{short(v)}" for k, v in values.items()) or "task"
 
 
 @dataclass
@@ -116,12 +121,15 @@ def expand(job: str, job_argv: list[str], axes: dict, largs: LaunchArgs, sweep: 
     module = job_module(job)
     fields = {f.name for f in dataclasses.fields(module.ARGS)}
     tasks = []
-    for combo in itertools.product(*axes.values()) if axes else [()]:
-        values = dict(zip(axes, combo))
+    grid = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else [{}]
+    names = [task_name(values) for values in grid]
+    if len(set(names)) < len(names):  # e.g. two files of the same name in different folders
+        names = [f"task{i}" for i in range(len(grid))]
+    for values, short_name in zip(grid, names):
         argv = list(job_argv) + [x for k, v in values.items() for x in (f"--{k}", v)]
         if "storage_directory" in fields:
             argv += ["--storage_directory", largs.storage_directory]
-        name = f"{sweep}/{task_name(values)}"
+        name = f"{sweep}/{short_name}"
         if "run_name" in fields:
             argv += ["--run_name", name]
         parser = OneLineParser(module.ARGS)
@@ -132,7 +140,7 @@ def expand(job: str, job_argv: list[str], axes: dict, largs: LaunchArgs, sweep: 
             args = apply_preset(args, PRESETS)
         if hasattr(module, "check"):
             module.check(args)
-        tasks.append(Task(values, args, name))
+        tasks.append(Task({k: getattr(args, k) for k in values}, args, name))  # typed, as the job saw them
     return tasks
 
 
@@ -255,13 +263,22 @@ def wait(jobs) -> dict:
                 j.result()
                 errors[j.job_id] = ""
             except Exception as e:  # a failed task is reported, the others still count
-                errors[j.job_id] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                errors[j.job_id] = error_line(str(e)) or type(e).__name__
             bar.update(1)
             bar.set_postfix(failed=sum(bool(v) for v in errors.values()))
     for job_id, err in errors.items():
         if err:
             print(f"task {job_id} failed: {err}")
     return errors
+
+
+def error_line(text: str) -> str:
+    """The `SomeError: message` line of a (remote) traceback, else its first line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b.*:", line):
+            return line
+    return lines[0] if lines else ""
 
 
 def main(argv=None):

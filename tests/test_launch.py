@@ -1,0 +1,203 @@
+"""The launcher: arrays on the real single-node SLURM cluster (or locally), preemption, merging."""
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sitra.data import python_docs_paragraphs
+from sitra.launch import LaunchArgs, launch, parse_time, wait
+from sitra.recipes import retrain_single_block
+from sitra.recipes.collect_results import CollectArgs, run as collect
+from sitra.results import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slurm_ready() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+needs_slurm = pytest.mark.skipif(not slurm_ready(), reason="no running SLURM cluster (.ci/slurm-cluster start)")
+CLUSTERS = [pytest.param("slurm", marks=needs_slurm), "local"]
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    paragraphs = python_docs_paragraphs()
+    (d / "train.txt").write_text("\n".join(paragraphs[:160]))
+    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1040]))
+    (d / "too_short.txt").write_text("a\nb\n")
+    return d
+
+
+def job_flags(teacher, text_files, **kw):
+    flags = dict(teacher=teacher, train_file=text_files / "train.txt", eval_file=text_files / "eval.txt",
+                 block_heads=2, block_d_k=8, max_seq_length=32, batch_size=8, max_steps=6, lr=3e-3,
+                 device="cpu", block_dropout=0.1)
+    flags.update(kw)
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def launch_args(storage, cluster, **kw):
+    return LaunchArgs(storage_directory=str(storage), cluster=cluster, time="30", cpus_per_task=1, mem_gb=2, **kw)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_array_finishes_and_merges(tiny_teacher, text_files, tmp_path, cluster):
+    started = time.time()
+    jobs, manifest = launch("retrain_single_block", job_flags(tiny_teacher, text_files),
+                            launch_args(tmp_path, cluster, blocks="0-1", sweep=[["block_heads=2,4"]]))
+    assert len(jobs) == 4
+    if cluster == "slurm":
+        assert len({j.job_id.split("_")[0] for j in jobs}) == 1, "one array, not four jobs"
+    assert not any(wait(jobs).values())
+    merged = collect(CollectArgs(sweep_dir=str(manifest.parent)))
+    elapsed = time.time() - started
+    print(f"4-task array on {cluster}: submit to merged table in {elapsed:.1f} s")
+    import h5py
+
+    with h5py.File(merged) as f:
+        assert [s.decode() for s in f["status"][:]] == ["complete"] * 4
+        assert sorted(zip(f["block"][:], f["block_heads"][:])) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+        assert (f["block_mse"][:] > 0).all() and (f["wall_time_s"][:] > 0).all()
+    assert (manifest.parent / "results.csv").exists() and (manifest.parent / "results.md").exists()
+    assert (manifest.parent / "results_block_mse.png").stat().st_size > 1000
+    # a task computes exactly what a direct run of the same flags computes
+    task = json.loads(manifest.read_text())["tasks"][3]
+    direct = retrain_single_block.run(dataclasses.replace(
+        jobs[3].submission().args[0], storage_directory=str(tmp_path / "direct"), run_name="d"))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "checkpoints" / task["run_name"] / "best.safetensors"))
+    b = load_file(str(direct.checkpoint_dir / "best.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_a_raising_task_is_reported_failed(tiny_teacher, text_files, tmp_path, cluster, capsys):
+    jobs, manifest = launch("retrain_single_block", job_flags(tiny_teacher, text_files, block=1),
+                            launch_args(tmp_path, cluster, sweep=[[f"train_file={text_files / 'train.txt'},{text_files / 'too_short.txt'}"]]))
+    errors = wait(jobs)
+    assert not errors[jobs[0].job_id] and "training text is empty" in errors[jobs[1].job_id]
+    collect(CollectArgs(sweep_dir=str(manifest.parent)))
+    out = capsys.readouterr().out
+    assert "1 of 2 tasks complete" in out
+    assert "not merged: train_file" in out and "failed" in out and "training text is empty" in out
+
+
+def wait_for_step(latest: Path, step: int, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if latest.exists() and torch.load(latest, weights_only=False)["progress"]["step"] >= step:
+                return
+        except (EOFError, RuntimeError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{latest} never reached step {step}")
+
+
+def task_id(job) -> str:
+    return job.job_id  # ARRAYJOBID_TASKID for arrays, JOBID otherwise
+
+
+@needs_slurm
+@pytest.mark.parametrize("how", ["scontrol requeue", "USR2 preemption"])
+def test_requeued_task_resumes_to_the_same_parameters(tiny_teacher, text_files, tmp_path, how):
+    flags = job_flags(tiny_teacher, text_files, block=1, max_steps=400, save_steps=1, eval_steps=100)
+    straight, _ = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep_name="straight"))
+    interrupted, _ = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep_name="interrupted"))
+    latest = tmp_path / "checkpoints" / "interrupted" / "task" / "latest.pt"
+    wait_for_step(latest, 30)
+    if how == "scontrol requeue":
+        subprocess.run(["scontrol", "requeue", task_id(interrupted[0])], check=True)
+    else:
+        subprocess.run(["scancel", "--signal=USR2", task_id(interrupted[0])], check=True)
+    assert not any(wait(straight + interrupted).values())
+    out = Path(interrupted[0].paths.stdout).read_text()
+    assert "resuming interrupted/task from step" in out
+    resumed_at = int(out.split("resuming interrupted/task from step ")[1].split()[0])
+    assert 30 <= resumed_at < 400
+    a = torch.load(tmp_path / "checkpoints" / "straight" / "task" / "latest.pt", weights_only=False)
+    b = torch.load(latest, weights_only=False)
+    assert a["progress"] == b["progress"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    log = read_log(tmp_path / "eval_results" / "interrupted" / "task.h5")
+    assert log["train"]["step"].tolist() == list(range(1, 401))  # continued, nothing repeated
+    assert log["attrs"]["status"] == "complete"
+    if how == "USR2 preemption":  # saved at the step where the signal arrived, nothing lost
+        assert "stopped at step" in out
+
+
+@needs_slurm
+def test_cancelled_task_leaves_the_others_complete(tiny_teacher, text_files, tmp_path, capsys):
+    flags = job_flags(tiny_teacher, text_files, block=1, max_steps=400, save_steps=50)
+    jobs, manifest = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep=[["seed=1,2,3"]]))
+    wait_for_step(tmp_path / "checkpoints" / "retrain_single_block" / "seed2" / "latest.pt", 50)
+    subprocess.run(["scancel", task_id(jobs[1])], check=True)
+    errors = wait(jobs)
+    assert not errors[jobs[0].job_id] and not errors[jobs[2].job_id] and errors[jobs[1].job_id]
+    collect(CollectArgs(sweep_dir=str(manifest.parent)))
+    out = capsys.readouterr().out
+    assert "2 of 3 tasks complete" in out and "not merged: seed2: running" in out
+
+
+BAD = [
+    (["no_such_job"], "job 'no_such_job': unknown; choose from"),
+    (["retrain_single_block", "--sweep", "bogus=1,2"], "--sweep bogus=1,2: bogus is not a flag of BlockArgs"),
+    (["retrain_single_block", "--sweep", "block_heads="], "--sweep block_heads=: no values; the grid would be empty"),
+    (["retrain_single_block", "--blocks", "0-11"], "--block 4: the teacher has 4 layers, allowed 0-3"),
+    (["retrain_single_block", "--blocks", "0-1", "--storage_directory", "/proc/no-write"], "--storage_directory /proc/no-write: cannot write there"),
+    (["retrain_single_block", "--blocks", "0-1", "--time", "soon"], "--time soon: use minutes"),
+    (["retrain_single_block", "--blocks", "0-1", "--cluster", "cloud"], "--cluster cloud: choose slurm, local or debug"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])
+def test_bad_launches_are_one_line_errors(tiny_teacher, tmp_path, argv, message, capsys):
+    from sitra.launch import main
+
+    extra = ["--teacher", tiny_teacher, "--block_heads", "2"] if argv[0] == "retrain_single_block" else []
+    if "--storage_directory" not in argv:
+        extra += ["--storage_directory", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "slurm_logs").exists() or not any((tmp_path / "slurm_logs").rglob("*_submitted.pkl"))
+
+
+def test_time_formats():
+    assert [parse_time(t) for t in ("90", "1:30", "4:00:00", "1-00", "2-04:30", "0-00:00:30")] == [90, 2, 240, 1440, 3150, 1]
+
+
+def test_collect_reports_corrupt_and_partial_logs(tiny_teacher, text_files, tmp_path, capsys):
+    from sitra.train import Interrupted
+
+    sweep = tmp_path / "eval_results" / "s"
+    base = dict(teacher=tiny_teacher, train_file=str(text_files / "train.txt"), block=1, block_heads=2,
+                max_seq_length=32, batch_size=8, max_steps=4, device="cpu", storage_directory=str(tmp_path))
+    retrain_single_block.run(retrain_single_block.BlockArgs(**base, run_name="s/a", seed=1))
+    with pytest.raises(Interrupted):
+        retrain_single_block.run(retrain_single_block.BlockArgs(**base, run_name="s/b", seed=2, stop_after_steps=2))
+    (sweep / "c.h5").write_bytes(b"this is not hdf5")
+    collect(CollectArgs(sweep_dir=str(sweep)))
+    out = capsys.readouterr().out
+    assert "1 of 3 tasks complete" in out
+    assert "not merged: b: running" in out and "not merged: c.h5: unreadable, skipped" in out
+    import h5py
+
+    with h5py.File(sweep / "results.h5") as f:
+        assert [s.decode() for s in f["status"][:]] == ["complete", "running", "corrupt"]
+        assert f["seed"][:].tolist() == [1, 2, float("nan")] or f["seed"][0] == 1
+        assert not (f["block_mse"][1:] == f["block_mse"][1:]).any()  # NaN: partial logs are not merged
