@@ -51,13 +51,13 @@ def evaluate_models(models: dict, teacher_name: str, batches, device, desc="eval
     MLM metrics where a model has an MLM head; hidden-state fidelity to `models[teacher_name]`
     where the hidden sizes agree.
     """
-    from tqdm.auto import tqdm
+    from sitra.train import progress_bar
 
     mlm = {n: MLMMetrics() for n, m in models.items() if hasattr(m, "cls")}
     teacher = models[teacher_name]
     fidelity = {n: HiddenFidelity() for n, m in models.items()
                 if m.config.hidden_size == teacher.config.hidden_size}
-    for batch in tqdm(batches.epoch(0), total=len(batches), desc=desc, mininterval=1.0):
+    for batch in progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc):
         batch = {k: v.to(device) for k, v in batch.items()}
         token_mask = batch["attention_mask"].bool()
         teacher_hidden = last_hidden_state(teacher, batch["input_ids"], batch["attention_mask"])

@@ -186,7 +186,8 @@ class JobTask(submitit.helpers.Checkpointable):
             signal.signal(sig, lambda *_: request_stop())
         try:
             return job_module(self.job).run(args)
-        except Interrupted:
+        except Interrupted as e:
+            print(f"{e} (preempted: requeueing)", flush=True)
             if callable(submitit_handler):
                 signal.signal(sig, submitit_handler)
                 submitit_handler(sig, None)  # checkpoint() -> requeue -> exit

@@ -93,6 +93,14 @@ def request_stop(stop: bool = True):
     _stop_requested.set() if stop else _stop_requested.clear()
 
 
+def progress_bar(**kwargs):
+    """tqdm that redraws every second on a terminal, and every 30 s into a log file (SLURM)."""
+    import sys
+
+    interactive = sys.stderr.isatty()
+    return tqdm(mininterval=1.0 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)
+
+
 def autocast_for(device: torch.device, precision: str):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -205,7 +213,7 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
     if evaluate and progress.step == 0 and progress.last_eval_step < 0:
         run_eval()  # the starting point, so every log shows how far training moved
     _freeze_modes(model)
-    bar = tqdm(total=total, initial=progress.step, desc=run.name, mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=progress.step, desc=run.name)
     while progress.step < total:
         if _stop_requested.is_set():  # asked to stop before this step: the state is saved already
             save()
@@ -243,7 +251,7 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
             tok_s = tokens / max(elapsed, 1e-9)
             log.train(progress.step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, **parts_sum)
             bar.update(1)
-            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}", tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}", tok_s=f"{tok_s:.0f}", refresh=False)
             tick, tokens = time.perf_counter(), 0
             done = progress.step >= total
             if evaluate and (progress.step % eval_every == 0 or done):

@@ -141,15 +141,15 @@ def test_requeued_task_resumes_to_the_same_parameters(tiny_teacher, text_files, 
 
 @needs_slurm
 def test_cancelled_task_leaves_the_others_complete(tiny_teacher, text_files, tmp_path, capsys):
-    flags = job_flags(tiny_teacher, text_files, block=1, max_steps=400, save_steps=50)
-    jobs, manifest = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep=[["seed=1,2,3"]]))
-    wait_for_step(tmp_path / "checkpoints" / "retrain_single_block" / "seed2" / "latest.pt", 50)
+    flags = job_flags(tiny_teacher, text_files, block=1, save_steps=50)
+    jobs, manifest = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep=[["max_steps=60,20000,61"]]))
+    wait_for_step(tmp_path / "checkpoints" / "retrain_single_block" / "max_steps20000" / "latest.pt", 50)
     subprocess.run(["scancel", task_id(jobs[1])], check=True)
     errors = wait(jobs)
     assert not errors[jobs[0].job_id] and not errors[jobs[2].job_id] and errors[jobs[1].job_id]
     collect(CollectArgs(sweep_dir=str(manifest.parent)))
     out = capsys.readouterr().out
-    assert "2 of 3 tasks complete" in out and "not merged: seed2: running" in out
+    assert "2 of 3 tasks complete" in out and "not merged: max_steps20000: running" in out
 
 
 BAD = [
