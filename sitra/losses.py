@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 
 def _masked_mean(elementwise, mask):
+    """Mean over the selected elements; values elsewhere (even inf or nan) never enter."""
     mask = mask.expand_as(elementwise)
-    return (elementwise * mask).sum() / mask.sum().clamp(min=1)
+    return torch.where(mask, elementwise, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def mse(pred, target, mask):
@@ -39,7 +40,8 @@ def kl_div(student_logits, teacher_logits, mask, temperature=1.0):
     """KL(p_T || p_S) per position where mask is True, averaged, times T^2."""
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_pos = (t.exp() * (t - s)).sum(-1)
+    p = t.exp()
+    per_pos = torch.where(p > 0, p * (t - s), 0.0).sum(-1)  # 0 log 0 = 0 where the teacher gives 0
     return _masked_mean(per_pos, mask) * temperature**2
 
 

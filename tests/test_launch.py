@@ -201,3 +201,40 @@ def test_collect_reports_corrupt_and_partial_logs(tiny_teacher, text_files, tmp_
         assert [s.decode() for s in f["status"][:]] == ["complete", "running", "corrupt"]
         assert f["seed"][:].tolist() == [1, 2, float("nan")] or f["seed"][0] == 1
         assert not (f["block_mse"][1:] == f["block_mse"][1:]).any()  # NaN: partial logs are not merged
+
+
+def test_block_sweep_then_eval_sweep_like_the_euler_scripts(tiny_teacher, text_files, tmp_path, capsys):
+    """.train's sweep, then .eval's matching evaluations (one per block run), merged with heatmaps."""
+    flags = job_flags(tiny_teacher, text_files, max_steps=4)  # --block_heads given here is swept below
+    jobs, _ = launch("retrain_single_block", flags, launch_args(
+        tmp_path, "local", blocks="0-1", sweep=[["block_heads=1,2"]], sweep_name="blocks"))
+    assert not any(wait(jobs).values())
+    eval_flags = ["--teacher", tiny_teacher, "--train_file", str(text_files / "train.txt"), "--eval_file",
+                  str(text_files / "eval.txt"), "--max_seq_length", "32", "--block_sweep", "blocks", "--device", "cpu"]
+    jobs, manifest = launch("eval_retrained", eval_flags, launch_args(
+        tmp_path, "local", blocks="0-1", sweep=[["block_heads=1,2"]], sweep_name="evals"))
+    assert not any(wait(jobs).values())
+    collect(CollectArgs(sweep_dir=str(manifest.parent)))
+    assert "4 of 4 tasks complete" in capsys.readouterr().out
+    import h5py
+
+    with h5py.File(manifest.parent / "results.h5") as f:
+        acc, cos = f["model/mlm_accuracy"][:], f["model/hidden_cosine"][:]
+        assert ((0 <= acc) & (acc <= 1)).all() and (cos < 1).all()
+    assert (manifest.parent / "results_model_mlm_accuracy.png").exists()
+
+
+def test_euler_scripts_run_end_to_end(tiny_teacher, text_files, tmp_path):
+    """`bash .train` and `bash .eval` as a user runs them, shrunk by their environment knobs."""
+    import os
+
+    env = dict(os.environ, TEACHER=tiny_teacher, LAYERS="0-1", D_K="8", HEADS="1,2", GPUS="0", STORAGE=str(tmp_path),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    data = ["--train_file", str(text_files / "train.txt"), "--eval_file", str(text_files / "eval.txt"),
+            "--max_seq_length", "32", "--device", "cpu", "--cluster", "local", "--cpus_per_task", "1", "--mem_gb", "2"]
+    for script, extra in ((".train", ["--max_steps", "3", "--batch_size", "8"]), (".eval", [])):
+        out = subprocess.run(["bash", str(ROOT / script), *data, *extra], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "4 of 4 tasks complete" in out.stdout
+    assert (tmp_path / "eval_results" / "eval_sweep" / "results_model_mlm_accuracy.png").exists()

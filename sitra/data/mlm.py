@@ -78,7 +78,8 @@ class Batches:
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(len(self.examples))
-        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
+        state = np.random.SeedSequence([self.seed, epoch], spawn_key=(1,)).generate_state(2, dtype=np.uint32)
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
 
     def epoch(self, epoch: int = 0, start: int = 0):
         order = self.order(epoch)

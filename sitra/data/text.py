@@ -7,7 +7,7 @@ BUILTIN = "python-docs"  # English prose that every CPython ships (pydoc's help 
 
 
 def python_docs_paragraphs() -> list[str]:
-    """The paragraphs of CPython's help topics text, one string each (about 2,500)."""
+    """The prose paragraphs of CPython's help topics text, one string each (about 1,100)."""
     from pydoc_data.topics import topics
 
     paragraphs = []

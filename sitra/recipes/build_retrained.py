@@ -21,10 +21,11 @@ class BuildArgs:
     preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
-def block_runs(storage: Path, teacher: str) -> list[Path]:
-    """Finished block runs (a best.safetensors beside args.json) made from `teacher`."""
+def block_runs(checkpoints: Path, teacher: str) -> list[Path]:
+    """Finished block runs (a best.safetensors beside args.json) made from `teacher`, anywhere
+    under the `checkpoints` folder."""
     found = []
-    for args_file in sorted((storage / "checkpoints").glob("**/args.json")):
+    for args_file in sorted(checkpoints.glob("**/args.json")):
         config = json.loads(args_file.read_text())
         if "block_heads" in config and config.get("teacher") == teacher and (args_file.parent / "best.safetensors").exists():
             found.append(args_file.parent)
@@ -55,7 +56,7 @@ def run(args: BuildArgs) -> Path:
     args = apply_preset(args, PRESETS)
     storage = Path(args.storage_directory)
     config = models.load_config(args.teacher)
-    folders = [Path(c) for c in args.checkpoints] or block_runs(storage, args.teacher)
+    folders = [Path(c) for c in args.checkpoints] or block_runs(storage / "checkpoints", args.teacher)
     if not folders:
         raise UsageError(f"--checkpoints: no finished block runs of {args.teacher} under {storage / 'checkpoints'}")
     blocks = {}

@@ -14,7 +14,8 @@ from sitra.results import atomic_write, sweep_rows
 @dataclass(kw_only=True)
 class CollectArgs:
     sweep_dir: str = field(metadata={"help": "a sweep folder of HDF5 logs, e.g. eval_results/retrain_single_block"})
-    metric: str | None = field(default=None, metadata={"help": "metric of the heatmap (default: block_mse, else eval_loss)"})
+    metric: str | None = field(default=None, metadata={
+        "help": "metric of the heatmap (default: block_mse, model/mlm_accuracy or model/hidden_cosine, eval_loss)"})
     output: str | None = field(default=None, metadata={"help": "file stem of the merged files (default: SWEEP_DIR/results)"})
 
 
@@ -27,7 +28,8 @@ def run(args: CollectArgs) -> Path:
         raise UsageError(f"--sweep_dir {sweep_dir}: no HDF5 logs and no sweep.json there")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     metrics = [c for c in columns if c not in axes and c not in ("run_name", "status", "job_id")]
-    metric = args.metric or next((m for m in ("block_mse", "eval_loss") if m in columns), None)
+    metric = args.metric or next((m for m in ("block_mse", "model/mlm_accuracy", "model/hidden_cosine", "eval_loss")
+                                  if m in columns), None)
     if args.metric and args.metric not in columns:
         raise UsageError(f"--metric {args.metric}: not in the logs; choose from {', '.join(metrics)}")
     stem = Path(args.output) if args.output else sweep_dir / "results"
@@ -56,7 +58,7 @@ def run(args: CollectArgs) -> Path:
     complete = [r for r in rows if r["status"] == "complete"]
     plot = None
     if metric and complete and axes:
-        plot = stem.with_name(f"{stem.name}_{metric}.png")
+        plot = stem.with_name(f"{stem.name}_{metric.replace('/', '_')}.png")
         atomic_write(plot, lambda tmp: heatmap(complete, axes, metric, tmp))
     print(table)
     print(f"{len(complete)} of {len(rows)} tasks complete; merged into {stem}.h5, .csv, .md" + (f", {plot}" if plot else ""))
