@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from sitra.launch import LaunchArgs
 from sitra.recipes.build_retrained import BuildArgs
+from sitra.recipes.collect_results import CollectArgs
 from sitra.recipes.eval_retrained import EvalArgs
 from sitra.recipes.retrain_single_block import BlockArgs
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-@pytest.mark.parametrize("args_class", [BlockArgs, BuildArgs, EvalArgs], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("args_class", [BlockArgs, BuildArgs, EvalArgs, LaunchArgs, CollectArgs], ids=lambda c: c.__name__)
 def test_every_flag_is_documented(args_class):
     missing = [f.name for f in dataclasses.fields(args_class) if f"`--{f.name}`" not in README]
     assert not missing, f"README.md lacks {missing}"
