@@ -1,5 +1,6 @@
 """Metrics over fixed masked batches, and the tables users read."""
 import math
+import time
 
 import torch
 
@@ -10,7 +11,8 @@ class MLMMetrics:
     """Accumulates MLM accuracy, top-5 accuracy and perplexity over masked positions."""
 
     def __init__(self):
-        self.nll = self.top1 = self.top5 = self.count = 0.0
+        self.nll = self.top1 = self.top5 = 0.0
+        self.count = 0
 
     def update(self, logits, labels):
         chosen = labels != -100
@@ -49,7 +51,7 @@ def evaluate_models(models: dict, teacher_name: str, batches, device, desc="eval
     """{name: metrics} for every model on the same batches (same masks for all).
 
     MLM metrics where a model has an MLM head; hidden-state fidelity to `models[teacher_name]`
-    where the hidden sizes agree.
+    where the hidden sizes agree; forward time per real token (first batch untimed: warm-up).
     """
     from sitra.train import progress_bar
 
@@ -57,19 +59,29 @@ def evaluate_models(models: dict, teacher_name: str, batches, device, desc="eval
     teacher = models[teacher_name]
     fidelity = {n: HiddenFidelity() for n, m in models.items()
                 if m.config.hidden_size == teacher.config.hidden_size}
-    for batch in progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc):
+    seconds = {n: 0.0 for n in models}
+    tokens = 0
+    for b, batch in enumerate(progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc)):
         batch = {k: v.to(device) for k, v in batch.items()}
         token_mask = batch["attention_mask"].bool()
-        teacher_hidden = last_hidden_state(teacher, batch["input_ids"], batch["attention_mask"])
+        tokens += int(token_mask.sum()) if b else 0  # the first batch warms up and is not timed
+        hidden = {}
+        for name, model in models.items():  # each model's forward is timed on its own
+            start = time.perf_counter()
+            hidden[name] = last_hidden_state(model, batch["input_ids"], batch["attention_mask"])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += (time.perf_counter() - start) if b else 0.0
         for name, model in models.items():
-            hidden = teacher_hidden if model is teacher else last_hidden_state(model, batch["input_ids"], batch["attention_mask"])
             if name in mlm:
-                mlm[name].update(model.cls(hidden), batch["labels"])
+                mlm[name].update(model.cls(hidden[name]), batch["labels"])
             if name in fidelity:
-                fidelity[name].update(hidden, teacher_hidden, token_mask)
+                fidelity[name].update(hidden[name], hidden[teacher_name], token_mask)
     out = {}
     for name, model in models.items():
         out[name] = {"parameters": sum(p.numel() for p in model.parameters())}
+        if tokens:
+            out[name]["us_per_token"] = 1e6 * seconds[name] / tokens
         out[name].update(mlm[name].result() if name in mlm else {})
         out[name].update(fidelity[name].result() if name in fidelity else {})
     return out
@@ -141,6 +153,27 @@ def heatmap(rows: list[dict], axes: list[str], metric: str, path):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
         fig.colorbar(im, ax=ax, label=metric)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def bar_plot(results: dict, path, accuracy: str = "mlm_accuracy"):
+    """PNG with one bar per model: its accuracy (or hidden cosine without an MLM head) and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    metric = accuracy if all(accuracy in r for r in results.values()) else "hidden_cosine"
+    fig, (a, b) = plt.subplots(1, 2, figsize=(4 + 1.2 * len(names), 3.6))
+    a.bar(names, [results[n].get(metric, float("nan")) for n in names], color="tab:blue")
+    a.set_ylabel(metric)
+    b.bar(names, [results[n]["parameters"] / 1e6 for n in names], color="tab:gray")
+    b.set_ylabel("parameters (millions)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

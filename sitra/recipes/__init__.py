@@ -7,6 +7,14 @@ JOBS = {
     "build_retrained": "sitra.recipes.build_retrained",
     "eval_retrained": "sitra.recipes.eval_retrained",
     "collect_results": "sitra.recipes.collect_results",
+    "train_block_till_end": "sitra.recipes.train_block_till_end",
+    "retrain_merge": "sitra.recipes.retrain_merge",
+    "eval_merge_layer": "sitra.recipes.eval_merge_layer",
+    "build_merged": "sitra.recipes.build_merged",
+    "finetune_fully_merged": "sitra.recipes.finetune_fully_merged",
+    "finetune_conditioned_fully_merged": "sitra.recipes.finetune_conditioned_fully_merged",
+    "train_full_merged_model": "sitra.recipes.train_full_merged_model",
+    "eval_merged": "sitra.recipes.eval_merged",
 }
 
 

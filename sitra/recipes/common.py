@@ -2,7 +2,10 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra import data
+import torch
+import torch.nn.functional as F
+
+from sitra import data, losses
 from sitra.cli import UsageError
 from sitra.data.text import BUILTIN
 
@@ -71,3 +74,66 @@ def student_shape(hidden_size: int, heads: int, d_k: int | None) -> tuple[int, i
     if d_k < 1:
         raise UsageError(f"--block_d_k {d_k}: must be at least 1")
     return heads, d_k
+
+
+@dataclass(kw_only=True)
+class StudentBlockArgs:
+    """The teacher and the shape of the student attention that replaces one of its blocks."""
+    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    block: int | None = field(default=None, metadata={"help": "index of the layer whose attention is replaced"})
+    block_heads: int = field(default=12, metadata={"help": "attention heads of the student block"})
+    block_d_k: int | None = field(default=None, metadata={"help": "width of each head (default: hidden size / heads)"})
+    block_dropout: float = field(default=0.1, metadata={"help": "attention dropout of the student block"})
+
+
+def check_student_block(args: StudentBlockArgs, config, needs_successor: bool = False) -> tuple[int, int]:
+    """(heads, d_k) after checking --block, --block_heads, --block_d_k and --block_dropout."""
+    check_block(args.block, config.num_hidden_layers, needs_successor=needs_successor)
+    if not 0 <= args.block_dropout < 1:
+        raise UsageError(f"--block_dropout {args.block_dropout}: must be in [0, 1)")
+    return student_shape(config.hidden_size, args.block_heads, args.block_d_k)
+
+
+def compare(out, target, token_mask, criterion: str, on: str = "output", temperature: float = 1.0, head=None):
+    """The --criterion between a student's hidden states and the teacher's, over real tokens.
+
+    on="output" compares the hidden states; on="logits" the MLM distributions
+    softmax(head(h) / T): soft-target cross-entropy (times T^2) for CrossEntropy, the
+    probabilities for MSE and L1.
+    """
+    loss_fn = losses.LOSSES[criterion]
+    if on == "output":
+        return loss_fn(out, target, token_mask[..., None])
+    s, t = head(out), head(target).detach()
+    if criterion == "CrossEntropy":
+        return loss_fn(s, t, token_mask, temperature)
+    return loss_fn(F.softmax(s.float() / temperature, -1), F.softmax(t.float() / temperature, -1), token_mask[..., None])
+
+
+@torch.no_grad()
+def fidelity(out, target, token_mask) -> dict:
+    return {"block_mse": float(losses.mse(out, target, token_mask[..., None])),
+            "block_cosine": float(losses.cosine_similarity(out, target, token_mask))}
+
+
+def held_out_mean(step_loss, batches, device) -> dict:
+    """The mean over held-out batches of the loss and the numbers `step_loss` reports."""
+    sums, n = {}, 0
+    for batch in batches.epoch(0):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, parts = step_loss(batch)
+        for k, v in {"eval_loss": float(loss), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+    return {k: v / n for k, v in sums.items()}
+
+
+def masked_kd(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> tuple:
+    """KL(teacher_T || student_T) * T^2 + alpha * CE(labels) over the masked positions whose
+    logits are given ([N, V] each, labels [N]); returns (loss, parts)."""
+    everywhere = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    kl = losses.kl_div(student_logits, teacher_logits, everywhere, temperature)
+    ce = F.cross_entropy(student_logits.float(), labels) if len(labels) else kl * 0
+    parts = {"kl": float(kl.detach()), "mlm_ce": float(ce.detach()),
+             "mlm_accuracy": float((student_logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0}
+    return kl + alpha * ce, parts

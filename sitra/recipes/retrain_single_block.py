@@ -5,25 +5,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from sitra import losses, models, results
 from sitra.cli import UsageError, apply_preset
 from sitra.models.attention import attention_probs
 from sitra.presets import PRESETS
-from sitra.recipes.common import TextDataArgs, check_block, check_data_args, student_shape, text_batches
+from sitra.recipes.common import (
+    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, held_out_mean, text_batches,
+)
 from sitra.train import TrainArgs, check_train_args, seed_everything, train
 
 JOB = "retrain_single_block"
 
 
 @dataclass(kw_only=True)
-class BlockArgs(TrainArgs, TextDataArgs):
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
-    block: int | None = field(default=None, metadata={"help": "index of the layer whose attention is replaced"})
-    block_heads: int = field(default=12, metadata={"help": "attention heads of the student block"})
-    block_d_k: int | None = field(default=None, metadata={"help": "width of each head (default: hidden size / heads)"})
-    block_dropout: float = field(default=0.1, metadata={"help": "attention dropout of the student block"})
+class BlockArgs(TrainArgs, TextDataArgs, StudentBlockArgs):
     criterion: Literal[tuple(losses.LOSSES)] = field(default="MSE", metadata={"help": "loss between student and teacher"})
     loss_on_logits: bool = field(default=False, metadata={"help": "compare MLM output distributions after the block"})
     loss_on_scores: bool = field(default=False, metadata={"help": "compare attention distributions (averaged over heads)"})
@@ -42,10 +38,7 @@ def check(args: BlockArgs):
     check_train_args(args)
     check_data_args(args)
     config = models.load_config(args.teacher)
-    check_block(args.block, config.num_hidden_layers)
-    heads, d_k = student_shape(config.hidden_size, args.block_heads, args.block_d_k)
-    if not 0 <= args.block_dropout < 1:
-        raise UsageError(f"--block_dropout {args.block_dropout}: must be in [0, 1)")
+    heads, d_k = check_student_block(args, config)
     if args.loss_on_logits and args.loss_on_scores:
         raise UsageError("--loss_on_logits and --loss_on_scores: choose one")
     if args.loss_on_logits and not models.has_mlm_head(config):
@@ -70,26 +63,17 @@ def block_loss(student, teacher, block: int, batch, criterion: str, on: str, tem
         if on == "scores":
             t_self = models.encoder_layers(teacher)[block].attention.self
             teacher_probs = attention_probs(t_self.query, t_self.key, teacher.config.num_attention_heads, x, token_mask).mean(1)
-        if on == "logits":
-            teacher_logits = teacher.cls(target)
     x, target = x.clone(), target.clone()  # leave inference mode: autograd may save them
     attn_mask = None if token_mask.all() else token_mask[:, None, None, :]
     out = models.encoder_layers(teacher)[block].attention.output(student(x, attn_mask)[0], x)
-    loss_fn = losses.LOSSES[criterion]
-    if on == "output":
-        loss = loss_fn(out, target, token_mask[..., None])
-    elif on == "logits":
-        s, t = teacher.cls(out), teacher_logits.clone()
-        loss = (loss_fn(s, t, token_mask, temperature) if criterion == "CrossEntropy" else
-                loss_fn(F.softmax(s.float() / temperature, -1), F.softmax(t.float() / temperature, -1), token_mask[..., None]))
-    else:
+    if on == "scores":
         p_s, p_t = student.attention_probs(x, token_mask).mean(1), teacher_probs.clone()
-        loss = (loss_fn(p_s.clamp_min(1e-30).log(), p_t.clamp_min(1e-30).log(), token_mask) if criterion == "CrossEntropy" else
-                loss_fn(p_s, p_t, token_mask[:, :, None] & token_mask[:, None, :]))
-    with torch.no_grad():
-        parts = {"block_mse": float(losses.mse(out, target, token_mask[..., None])),
-                 "block_cosine": float(losses.cosine_similarity(out, target, token_mask))}
-    return loss, parts
+        loss = (losses.soft_cross_entropy(p_s.clamp_min(1e-30).log(), p_t.clamp_min(1e-30).log(), token_mask)
+                if criterion == "CrossEntropy" else
+                losses.LOSSES[criterion](p_s, p_t, token_mask[:, :, None] & token_mask[:, None, :]))
+    else:
+        loss = compare(out, target, token_mask, criterion, on, temperature, head=teacher.cls if on == "logits" else None)
+    return loss, fidelity(out, target, token_mask)
 
 
 def run(args: BlockArgs):
@@ -110,14 +94,7 @@ def run(args: BlockArgs):
         return block_loss(student, teacher, args.block, batch, args.criterion, on, args.temperature)
 
     def evaluate():
-        sums, n = {}, 0
-        for batch in eval_batches.epoch(0):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, parts = step_loss(batch)
-            for k, v in {"eval_loss": float(loss), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-        return {k: v / n for k, v in sums.items()}
+        return held_out_mean(step_loss, eval_batches, device)
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
         progress = train(student, train_batches, step_loss, args, run_, log, evaluate)

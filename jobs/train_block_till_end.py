@@ -1,0 +1,6 @@
+"""Train one attention block against the model's output distribution. Flags: BlockToEndArgs."""
+from sitra.cli import main
+from sitra.recipes.train_block_till_end import BlockToEndArgs, run
+
+if __name__ == "__main__":
+    main(BlockToEndArgs, run)

@@ -1,0 +1,61 @@
+"""Evaluate one merged layer: its held-out fidelity to the teacher's pair of layers, and the MLM
+metrics of the teacher with that pair replaced."""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sitra import models, results
+from sitra.cli import apply_preset
+from sitra.evaluate import evaluate_models, format_table
+from sitra.presets import PRESETS
+from sitra.recipes.common import TextDataArgs, check_block, check_data_args, held_out_mean, text_batches
+from sitra.recipes.retrain_merge import find_merge_run, merge_run_start, merge_step, read_merged
+
+JOB = "eval_merge_layer"
+
+
+@dataclass(kw_only=True)
+class EvalMergeLayerArgs(TextDataArgs):
+    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    block: int | None = field(default=None, metadata={"help": "first layer of the merged pair"})
+    block_heads: int | None = field(default=None, metadata={"help": "heads of the merge run to evaluate (where several exist)"})
+    block_d_k: int | None = field(default=None, metadata={"help": "d_k of the merge run to evaluate (where several exist)"})
+    checkpoint: str | None = field(default=None, metadata={"help": "the merge run folder (default: found from the flags above)"})
+    batch_size: int = field(default=32, metadata={"help": "examples per batch"})
+    seed: int = field(default=42, metadata={"help": "seed of the fixed masks"})
+    storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ and eval_results/ are"})
+    run_name: str | None = field(default=None, metadata={"help": "name of the results file (default: eval_<merge run>)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
+
+
+def run(args: EvalMergeLayerArgs) -> dict:
+    args = apply_preset(args, PRESETS)
+    check_data_args(args)
+    config = models.load_config(args.teacher)
+    check_block(args.block, config.num_hidden_layers, needs_successor=True)
+    folder = Path(args.checkpoint) if args.checkpoint else find_merge_run(
+        Path(args.storage_directory), args.teacher, args.block, args.block_heads, args.block_d_k, config.hidden_size)
+    merge_run_start(folder, args.teacher, "--checkpoint")
+    tokenizer = models.load_tokenizer(args.teacher)
+    _, batches = text_batches(args, tokenizer, args.batch_size, args.seed, need_train=False)
+    device = models.pick_device(args.device)
+    teacher = models.load_model(args.teacher, device)
+    block, layer = read_merged(folder, teacher, args.teacher, flag="--checkpoint")
+    with torch.inference_mode():
+        layer_fit = held_out_mean(lambda b: merge_step(layer, teacher, block, b, "MSE", "output", 1.0), batches, device)
+    merged = models.with_merged_layers(teacher, {block: layer})
+    metrics = evaluate_models({"teacher": teacher, "merged": merged}, "teacher", batches, device)
+    metrics["merged"].update(layer_mse=layer_fit["block_mse"], layer_cosine=layer_fit["block_cosine"])
+    run_name = args.run_name or f"eval_{folder.name}"
+    log_path = Path(args.storage_directory) / "eval_results" / f"{run_name}.h5"
+    with results.RunLog(log_path, JOB, run_name, results.config_dict(args)) as log:
+        log.complete({f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items()})
+    print(f"merged layers {block} and {block + 1} ({folder}):")
+    print(format_table(metrics, gap=("merged", "teacher")))
+    print(f"results: {log_path}")
+    return metrics
+
+
+ARGS = EvalMergeLayerArgs

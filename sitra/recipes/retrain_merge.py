@@ -1,0 +1,144 @@
+"""Replace two adjacent teacher layers by one new layer, trained to map the teacher's input of the
+first to the teacher's output of the second."""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from sitra import losses, models, results
+from sitra.cli import UsageError, apply_preset
+from sitra.models.merged import INITS
+from sitra.presets import PRESETS
+from sitra.recipes.common import (
+    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, held_out_mean, text_batches,
+)
+from sitra.recipes.retrain_single_block import load_block_weights
+from sitra.train import TrainArgs, check_train_args, seed_everything, train
+
+JOB = "retrain_merge"
+
+
+@dataclass(kw_only=True)
+class MergeArgs(TrainArgs, TextDataArgs, StudentBlockArgs):
+    intermediate_size: int | None = field(default=None, metadata={"help": "feed-forward width of the merged layer (default: the teacher's)"})
+    init: Literal[INITS] = field(default="first", metadata={"help": "start as a copy of the first layer, the average of both, or random"})
+    criterion: Literal[tuple(losses.LOSSES)] = field(default="MSE", metadata={"help": "loss between merged and teacher output"})
+    loss_on_logits: bool = field(default=False, metadata={"help": "compare MLM distributions of the outputs instead"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of --loss_on_logits"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
+
+
+def check(args: MergeArgs):
+    check_train_args(args)
+    check_data_args(args)
+    config = models.load_config(args.teacher)
+    heads, d_k = check_student_block(args, config, needs_successor=True)
+    inter = args.intermediate_size or config.intermediate_size
+    if inter < 1:
+        raise UsageError(f"--intermediate_size {inter}: must be at least 1")
+    if args.criterion == "CrossEntropy" and not args.loss_on_logits:
+        raise UsageError("--criterion CrossEntropy compares distributions: add --loss_on_logits")
+    if args.loss_on_logits and not models.has_mlm_head(config):
+        raise UsageError(f"--loss_on_logits needs a teacher with an MLM head; --teacher {args.teacher} has none")
+    return config, heads, d_k, inter
+
+
+def merge_step(layer, teacher, block: int, batch, criterion: str, on: str, temperature: float):
+    """(loss, fidelity) of the merged layer on one batch: teacher input of `block` in, teacher
+    output of `block + 1` as the target."""
+    token_mask = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        x, target = models.layer_io(teacher, block, block + 2, batch["input_ids"], batch["attention_mask"])
+    x, target = x.clone(), target.clone()
+    out = models.apply_layers([layer], teacher.config, x, batch["attention_mask"])
+    loss = compare(out, target, token_mask, criterion, on, temperature, head=getattr(teacher, "cls", None))
+    return loss, fidelity(out, target, token_mask)
+
+
+def run(args: MergeArgs):
+    args = apply_preset(args, PRESETS)
+    config, heads, d_k, inter = check(args)
+    tokenizer = models.load_tokenizer(args.teacher)
+    train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
+    name = f"merge{args.block}_h{heads}_dk{d_k}_ff{inter}_{args.init}_{args.criterion}" + ("_logits" if args.loss_on_logits else "")
+    run_ = results.open_run(args, name)
+    device = models.pick_device(args.device)
+    seed_everything(args.seed)
+    teacher = models.load_model(args.teacher, device)
+    layer = models.new_merged_layer(teacher, args.block, heads, d_k, args.block_dropout, inter, args.init).to(device)
+    on = "logits" if args.loss_on_logits else "output"
+
+    def step_loss(batch):
+        return merge_step(layer, teacher, args.block, batch, args.criterion, on, args.temperature)
+
+    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        progress = train(layer, train_batches, step_loss, args, run_, log,
+                         lambda: held_out_mean(step_loss, eval_batches, device))
+        layer.load_state_dict(load_block_weights(run_.checkpoint_dir))
+        layer.eval()
+        with torch.inference_mode():
+            final = held_out_mean(step_loss, eval_batches, device)
+        final["best_step"] = progress.best_step
+        log.complete(final)
+    print(f"{run_.name}: best step {progress.best_step}, held-out " +
+          ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
+    return run_
+
+
+def merge_runs(checkpoints: Path, teacher: str) -> list[Path]:
+    """Finished merge runs of `teacher` anywhere under `checkpoints`."""
+    found = []
+    for args_file in sorted(checkpoints.glob("**/args.json")):
+        config = json.loads(args_file.read_text())
+        if "init" in config and config.get("teacher") == teacher and (args_file.parent / "best.safetensors").exists():
+            found.append(args_file.parent)
+    return found
+
+
+def merge_run_start(folder: Path, teacher: str, flag: str = "--checkpoints") -> int:
+    """The first layer a finished merge run folder replaces; one-line errors for anything else."""
+    args_file = folder / "args.json"
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: no such folder")
+    if not args_file.exists() or "init" not in json.loads(args_file.read_text()):
+        raise UsageError(f"{flag} {folder}: not a {JOB} run folder")
+    config = json.loads(args_file.read_text())
+    if config["teacher"] != teacher:
+        raise UsageError(f"{flag} {folder}: trained against {config['teacher']}, not --teacher {teacher}")
+    if not (folder / "best.safetensors").exists():
+        raise UsageError(f"{flag} {folder}: no best.safetensors (the merge run has not finished)")
+    return config["block"]
+
+
+def read_merged(folder: Path, teacher_model, teacher: str, flag: str = "--checkpoints"):
+    """(first layer, merged layer with the run's best weights) of one merge run folder."""
+    merge_run_start(folder, teacher, flag)
+    config = json.loads((folder / "args.json").read_text())
+    weights = load_block_weights(folder)
+    heads = config["block_heads"]
+    d_k = weights["attention.self.query.weight"].shape[0] // heads
+    inter = weights["intermediate.dense.weight"].shape[0]
+    layer = models.new_merged_layer(teacher_model, config["block"], heads, d_k, config["block_dropout"], inter, "random")
+    layer.load_state_dict(weights)
+    return config["block"], layer.to(next(teacher_model.parameters()).device).eval()
+
+
+def find_merge_run(storage: Path, teacher: str, block: int, heads: int | None, d_k: int | None, hidden: int) -> Path:
+    """The one finished merge run of `block` (and heads, d_k where given) under storage/checkpoints."""
+    matches = []
+    for folder in merge_runs(storage / "checkpoints", teacher):
+        c = json.loads((folder / "args.json").read_text())
+        run_d_k = c["block_d_k"] or hidden // c["block_heads"]
+        if c["block"] == block and (heads is None or c["block_heads"] == heads) and (d_k is None or run_d_k == d_k):
+            matches.append(folder)
+    if len(matches) != 1:
+        found = "none" if not matches else ", ".join(str(m) for m in matches)
+        raise UsageError(f"--block {block}: finished merge runs of {teacher} that match: {found}; "
+                         "need exactly one (give --block_heads/--block_d_k or --checkpoint)")
+    return matches[0]
+
+
+ARGS = MergeArgs
