@@ -1,6 +1,7 @@
 """Fine-tune a smaller sitra model (merged layers, retrained blocks) end to end against its teacher:
 KD on the MLM outputs over masked tokens, optional MLM cross-entropy, and optional hidden-state
-MSE between each layer and the teacher layer it stands for."""
+MSE between each layer and the teacher layer it stands for (the only term for teachers without an
+MLM head)."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +47,12 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
     check_data_args(args)
     model_path = args.model or str(Path(args.storage_directory) / "checkpoints" / default_model)
     teacher_config, model_config = models.load_config(args.teacher), models.load_config(model_path, "--model")
-    for name, config, flag in ((args.teacher, teacher_config, "--teacher"), (model_path, model_config, "--model")):
-        if not models.has_mlm_head(config):
-            raise UsageError(f"{flag} {name}: fine-tuning by KD needs a model with an MLM head")
+    kd = models.has_mlm_head(teacher_config)
+    if not kd and not args.hidden_weight > 0:
+        raise UsageError(f"--teacher {args.teacher} has no MLM head to distil from: fine-tune on hidden states "
+                         "with --hidden_weight 1")
+    if kd and not models.has_mlm_head(model_config):
+        raise UsageError(f"--model {model_path}: has no MLM head, but the teacher's MLM outputs are distilled")
     trainable = parse_layers(args.trainable_layers, model_config.num_hidden_layers)
     for flag in ("temperature",):
         if not getattr(args, flag) > 0:
@@ -70,10 +74,10 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         with torch.inference_mode():
             t = teacher.base_model(**inputs)
-            teacher_logits = teacher.cls(t.last_hidden_state[masked])
+            teacher_logits = teacher.cls(t.last_hidden_state[masked]) if kd else None
         s = model.base_model(**inputs)
         loss, parts = masked_kd(model.cls(s.last_hidden_state[masked]), teacher_logits.clone(), batch["labels"][masked],
-                                args.temperature, args.alpha)
+                                args.temperature, args.alpha) if kd else (0.0, {})
         if args.hidden_weight:
             token_mask = batch["attention_mask"].bool()[..., None]
             hidden = sum(losses.mse(s.hidden_states[k + 1], t.hidden_states[j].clone(), token_mask)
