@@ -25,11 +25,12 @@ class OneLineParser(HfArgumentParser):
 def parse(args_class, argv=None, positional: str | None = None):
     """Parse argv into `args_class`; unknown flags are one-line errors too (exit 2).
 
-    `positional` names a field that may also be given as the first bare argument.
+    `positional` names a field that may also be given by the leading bare arguments.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if positional and argv and not argv[0].startswith("-"):
-        argv = [f"--{positional}", *argv]
+        bare = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+        argv = [f"--{positional}", *argv[:bare], *argv[bare:]]
     parser = OneLineParser(args_class)
     args, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
@@ -84,3 +85,21 @@ def _default(f):
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return dataclasses.MISSING
+
+
+def command_line(script: str, args) -> str:
+    """The command that reruns `args`: the script and every flag that differs from its default."""
+    import shlex
+
+    parts = [f"python {script}"]
+    for f in dataclasses.fields(args):
+        value, default = getattr(args, f.name), _default(f)
+        if value == default:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{f.name}" if value else f"--no_{f.name}")
+        elif isinstance(value, list):
+            parts.append(f"--{f.name} " + " ".join(shlex.quote(str(v)) for v in value))
+        else:
+            parts.append(f"--{f.name} {shlex.quote(str(value))}")
+    return " ".join(parts)

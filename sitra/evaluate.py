@@ -177,3 +177,58 @@ def bar_plot(results: dict, path, accuracy: str = "mlm_accuracy"):
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
+
+
+def sliding_windows(stream: list[int], window: int, stride: int) -> list[tuple[list[int], int]]:
+    """(window tokens, number of leading tokens already scored by an earlier window): every
+    token but the first is predicted exactly once, each with up to `window - stride` of context."""
+    out, scored_until = [], 1
+    for begin in range(0, max(len(stream) - 1, 1), stride):
+        end = min(begin + window, len(stream))
+        out.append((stream[begin:end], scored_until - begin))
+        scored_until = end
+        if end == len(stream):
+            break
+    return out
+
+
+@torch.inference_mode()
+def evaluate_lm(model, windows, device, batch_size: int = 8) -> dict:
+    """Perplexity and next-token accuracy@1/@5 of a causal LM over sliding windows."""
+    nll = top1 = top5 = count = 0
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        T = max(len(w) for w, _ in group)
+        ids = torch.zeros((len(group), T), dtype=torch.long)
+        scored = torch.zeros((len(group), T), dtype=torch.bool)
+        for r, (w, skip) in enumerate(group):
+            ids[r, : len(w)] = torch.tensor(w)
+            scored[r, max(skip, 1): len(w)] = True
+        am = (torch.arange(T)[None, :] < torch.tensor([len(w) for w, _ in group])[:, None]).long()
+        logits = model(input_ids=ids.to(device), attention_mask=am.to(device)).logits[:, :-1].float()
+        target, keep = ids[:, 1:].to(device), scored[:, 1:].to(device)
+        logits, target = logits[keep], target[keep]
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        best5 = logits.topk(min(5, logits.shape[-1]), -1).indices
+        top1 += int((best5[:, 0] == target).sum())
+        top5 += int((best5 == target[:, None]).any(-1).sum())
+        count += int(keep.sum())
+    n = max(count, 1)
+    return {"perplexity": math.exp(nll / n), "accuracy": top1 / n, "top5_accuracy": top5 / n, "tokens": count}
+
+
+@torch.inference_mode()
+def lambada_accuracy(model, tokenizer, passages: list[str], device) -> float:
+    """Share of passages whose last word the model predicts exactly, greedily, token by token."""
+    correct = 0
+    for text in passages:
+        context, _, word = text.strip().rpartition(" ")
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full = tokenizer(context + " " + word, add_special_tokens=False)["input_ids"]
+        target = full[len(ctx):]
+        if not ctx or not target:
+            continue
+        logits = model(input_ids=torch.tensor([full], device=device)).logits[0]
+        predicted = logits[len(ctx) - 1: len(full) - 1].argmax(-1).tolist()
+        correct += predicted == target
+    return correct / max(len(passages), 1)

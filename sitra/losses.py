@@ -3,8 +3,11 @@
 Masks are bool and broadcast against the compared tensors; padding is simply absent from them.
 Every loss upcasts to fp32. Worked examples: tests/test_losses.py.
 """
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _masked_mean(elementwise, mask):
@@ -45,6 +48,59 @@ def kl_div(student_logits, teacher_logits, mask, temperature=1.0):
     return _masked_mean(per_pos, mask) * temperature**2
 
 
+def reverse_kl(student_logits, teacher_logits, mask, temperature=1.0):
+    """KL(p_S || p_T) per position where mask is True, averaged, times T^2 (mode-seeking)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    p = s.exp()
+    per_pos = torch.where(p > 0, p * (s - t), 0.0).sum(-1)
+    return _masked_mean(per_pos, mask) * temperature**2
+
+
+def generalized_jsd(student_logits, teacher_logits, mask, beta=0.5, temperature=1.0):
+    """Generalised Jensen-Shannon divergence, averaged where mask is True, times T^2:
+    m = beta p_T + (1 - beta) p_S;  JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m).
+
+    beta = 0.5 is the symmetric JSD. As GKD (Agarwal et al. 2024) does, beta = 0 is taken to mean
+    forward KL(p_T || p_S) and beta = 1 reverse KL(p_S || p_T), the limits the mixture loses.
+    """
+    if beta == 0:
+        return kl_div(student_logits, teacher_logits, mask, temperature)
+    if beta == 1:
+        return reverse_kl(student_logits, teacher_logits, mask, temperature)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
+    kl_t = torch.where(t.exp() > 0, t.exp() * (t - m), 0.0).sum(-1)
+    kl_s = torch.where(s.exp() > 0, s.exp() * (s - m), 0.0).sum(-1)
+    return _masked_mean(beta * kl_t + (1 - beta) * kl_s, mask) * temperature**2
+
+
+def cosine_distance(a, b, mask):
+    """1 - cosine similarity of the vectors along the last dim, averaged where mask is True."""
+    return 1 - cosine_similarity(a, b, mask)
+
+
+def relation_kl(student_x, teacher_x, mask, heads: int, student_y=None, teacher_y=None):
+    """MiniLM-style relation transfer: KL(R_T || R_S) per relation head and query, averaged.
+
+    R = softmax(x_h y_h^T / sqrt(d_h)) over keys, with x (and y, default x) [B, T, D] split into
+    `heads` relation heads (D / heads wide); student and teacher widths may differ, their head
+    counts here are the same by construction. x=q, y=k gives the attention distributions;
+    x=y=v the value relations. Padded keys are excluded; padded queries do not count.
+    """
+    def relations(x, y):
+        B, T, D = x.shape
+        xh = x.float().view(B, T, heads, D // heads).transpose(1, 2)
+        yh = y.float().view(B, T, heads, D // heads).transpose(1, 2)
+        scores = xh @ yh.transpose(-1, -2) / math.sqrt(D // heads)
+        return scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+
+    s = relations(student_x, student_x if student_y is None else student_y)
+    t = relations(teacher_x, teacher_x if teacher_y is None else teacher_y)
+    return kl_div(s, t, mask[:, None, :].expand(-1, heads, -1))
+
+
 def cosine_similarity(a, b, mask):
     """Mean cosine similarity of the vectors along the last dim at positions where mask is True."""
     return _masked_mean(F.cosine_similarity(a.float(), b.float(), dim=-1), mask)
@@ -52,3 +108,40 @@ def cosine_similarity(a, b, mask):
 
 # --criterion names users type; each compares (student, teacher, mask).
 LOSSES = {"MSE": mse, "L1": l1, "CrossEntropy": soft_cross_entropy}
+
+# --loss names of the logit-distillation jobs; each takes (student_logits, teacher_logits, mask, temperature).
+LOGIT_LOSSES = {
+    "forward_kl": kl_div,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,  # takes beta= too (--jsd_beta)
+    "mse": lambda s, t, mask, temperature=1.0: mse(s, t, mask[..., None]),
+}
+
+
+def chunked_logit_loss(loss_fn, student_hidden, student_head, teacher_hidden, teacher_head, mask, chunks: int = 16,
+                       targets=None, **kw):
+    """loss_fn over the logits of the two heads, without ever holding the full logits.
+
+    hidden [N, H] (positions flattened), heads map H -> V. Positions are cut into `chunks`
+    pieces; each piece's student and teacher logits are computed inside the loop and again in
+    backward (activation checkpointing), so peak memory holds one piece's [n, V] logits instead
+    of [N, V]. The value equals loss_fn on the full logits (mean over masked positions).
+    `targets` [N] (e.g. next-token ids), when given, is cut the same way and passed on as
+    loss_fn(..., targets=piece_targets).
+    """
+    total = mask.sum().clamp(min=1)
+    out = student_hidden.new_zeros((), dtype=torch.float32)
+    for idx in torch.arange(len(mask), device=mask.device).chunk(chunks):
+        piece = mask[idx]
+        if not piece.any():
+            continue
+
+        extra = {} if targets is None else {"targets": targets[idx]}
+
+        def piece_loss(h, th, piece=piece, extra=extra):
+            with torch.no_grad():
+                t_logits = teacher_head(th)
+            return loss_fn(student_head(h), t_logits, piece, **extra, **kw) * piece.sum()
+
+        out = out + checkpoint(piece_loss, student_hidden[idx], teacher_hidden[idx], use_reentrant=False)
+    return out / total

@@ -51,11 +51,12 @@ def has_mlm_head(config) -> bool:
     return any(a.endswith("ForMaskedLM") for a in (config.architectures or []))
 
 
-def load_model(name: str, device="cpu", mlm: bool | None = None, flag: str = "--teacher"):
-    """A frozen eval-mode model: with its MLM head where the checkpoint has one, else the encoder."""
+def load_model(name: str, device="cpu", mlm: bool | None = None, flag: str = "--teacher", auto=None):
+    """A frozen eval-mode model: with its MLM head where the checkpoint has one, else the encoder
+    (or the given Auto class, e.g. AutoModelForCausalLM)."""
     config = load_config(name, flag)
     mlm = has_mlm_head(config) if mlm is None else mlm
-    auto = AutoModelForMaskedLM if mlm else AutoModel
+    auto = auto or (AutoModelForMaskedLM if mlm else AutoModel)
     try:
         model = auto.from_pretrained(_local_or_hub(name, flag), config=config)
     except (OSError, ValueError) as e:

@@ -15,6 +15,8 @@ JOBS = {
     "finetune_conditioned_fully_merged": "sitra.recipes.finetune_conditioned_fully_merged",
     "train_full_merged_model": "sitra.recipes.train_full_merged_model",
     "eval_merged": "sitra.recipes.eval_merged",
+    "distill_pythia": "sitra.recipes.distill_pythia",
+    "eval_lm": "sitra.recipes.eval_lm",
 }
 
 

@@ -1,0 +1,64 @@
+"""Evaluate causal LMs side by side on held-out text: sliding-window perplexity, next-token
+accuracy@1 and @5, and LAMBADA-style last-word accuracy when a LAMBADA file is given."""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from sitra import data, models, results
+from sitra.cli import UsageError, apply_preset
+from sitra.evaluate import evaluate_lm, format_table, lambada_accuracy, sliding_windows
+from sitra.presets import PRESETS
+from sitra.recipes.common import TextDataArgs, check_data_args
+
+JOB = "eval_lm"
+
+
+@dataclass(kw_only=True)
+class EvalLMArgs(TextDataArgs):
+    models: list[str] = field(default_factory=list, metadata={"help": "causal LM folders or hub ids (also positional)"})
+    stride: int | None = field(default=None, metadata={"help": "sliding-window stride (default: half of --max_seq_length)"})
+    lambada_file: str | None = field(default=None, metadata={"help": "LAMBADA-style text, one passage a line; its last word is predicted"})
+    batch_size: int = field(default=8, metadata={"help": "windows per batch"})
+    storage_directory: str = field(default=".", metadata={"help": "where eval_results/ is"})
+    run_name: str = field(default="eval_lm", metadata={"help": "name of the results file in eval_results/"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
+
+
+def run(args: EvalLMArgs) -> dict:
+    args = apply_preset(args, PRESETS)
+    check_data_args(args)
+    if not args.models:
+        raise UsageError("--models: name at least one causal LM folder")
+    if args.lambada_file and not Path(args.lambada_file).is_file():
+        raise UsageError(f"--lambada_file {args.lambada_file}: no such file")
+    for m in args.models:
+        models.load_config(m, "--models")
+    tokenizer = models.load_tokenizer(args.models[0], "--models")
+    for m in args.models[1:]:
+        if models.load_tokenizer(m, "--models").get_vocab() != tokenizer.get_vocab():
+            raise UsageError(f"--models {m}: its tokenizer differs from {args.models[0]}'s; the same tokens cannot be scored")
+    _, eval_lines = data.load_texts(args.dataset_name, args.dataset_config, args.train_file, args.eval_file)
+    stream = [t for block in data.causal_texts(data.take_fraction(eval_lines, args.percentage_data), tokenizer,
+                                               args.max_seq_length, packing=True) for t in block]
+    windows = sliding_windows(stream, args.max_seq_length, args.stride or max(1, args.max_seq_length // 2))
+    passages = [line for line in Path(args.lambada_file).read_text().splitlines() if line.strip()] if args.lambada_file else []
+    device = models.pick_device(args.device)
+    table = {}
+    for m in args.models:
+        model = models.load_model(m, device, flag="--models", auto=AutoModelForCausalLM)
+        name = Path(m).parent.name if Path(m).name == "model" else Path(m).name
+        table[name] = evaluate_lm(model, windows, device, args.batch_size)
+        table[name]["parameters"] = sum(p.numel() for p in model.parameters())
+        if passages:
+            table[name]["lambada_accuracy"] = lambada_accuracy(model, tokenizer, passages, device)
+    log_path = Path(args.storage_directory) / "eval_results" / f"{args.run_name}.h5"
+    with results.RunLog(log_path, JOB, args.run_name, results.config_dict(args)) as log:
+        log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()})
+    print(format_table(table))
+    print(f"results: {log_path}")
+    return table
+
+
+ARGS = EvalLMArgs
