@@ -1,0 +1,166 @@
+"""Causal-LM distillation on tiny GPT-NeoX models: packing, warm starts, the job, eval_lm."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+
+from sitra import data
+from sitra.cli import UsageError
+from sitra.data import python_docs_paragraphs
+from sitra.evaluate import evaluate_lm, lambada_accuracy, sliding_windows
+from sitra.models.causal import student_from_teacher_layers, teacher_layer_indices
+from sitra.recipes import distill_pythia, eval_lm
+from sitra.results import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def neox(folder, tokenizer, hidden, layers, seed, vocab=None):
+    config = GPTNeoXConfig(vocab_size=vocab or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def lms(tiny_teacher, tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    paragraphs = python_docs_paragraphs()
+    (d / "train.txt").write_text("\n".join(paragraphs[:200]))
+    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1040]))
+    return {"teacher": neox(d / "teacher", tok, 64, 4, 0), "student": neox(d / "student", tok, 32, 2, 1),
+            "other_vocab": neox(d / "other", tok, 32, 2, 2, vocab=len(tok) + 8), "dir": d}
+
+
+def distill_args(lms, storage, **kw):
+    d = lms["dir"]
+    values = dict(teacher=lms["teacher"], student=lms["student"], train_file=str(d / "train.txt"),
+                  eval_file=str(d / "eval.txt"), max_seq_length=48, batch_size=8, max_steps=30, eval_steps=15, lr=3e-3,
+                  device="cpu", storage_directory=str(storage))
+    values.update(kw)
+    return distill_pythia.DistillLMArgs(**values)
+
+
+def test_packing_keeps_every_token_once():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11], [12]]
+    blocks = data.pack(docs, 4, eos_id=0)
+    assert all(len(b) == 4 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 4
+    assert [t for b in blocks for t in b] == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 10, 11, 0, 12, 0]
+
+
+def test_causal_collator_and_shift():
+    batch = data.CausalCollator(pad_id=9)([[1, 2, 3], [4, 5]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 9]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, 5, -100]]
+    scored, nxt = data.shifted(batch)
+    assert scored.tolist() == [[True, True], [True, False]] and nxt.tolist() == [[2, 3], [5, 9]]
+
+
+def test_teacher_layers_warm_start_copies_exactly(lms):
+    teacher = AutoModelForCausalLM.from_pretrained(lms["teacher"])
+    assert teacher_layer_indices(4, 2) == [0, 2] and teacher_layer_indices(12, 6) == [0, 2, 4, 6, 8, 10]
+    student = student_from_teacher_layers(teacher, 2)
+    assert student.config.num_hidden_layers == 2
+    for new, old in enumerate([0, 2]):
+        for (n1, a), (n2, b) in zip(student.gpt_neox.layers[new].named_parameters(),
+                                    teacher.gpt_neox.layers[old].named_parameters()):
+            assert n1 == n2 and torch.equal(a, b)
+    assert torch.equal(student.gpt_neox.embed_in.weight, teacher.gpt_neox.embed_in.weight)
+    assert torch.equal(student.embed_out.weight if hasattr(student, "embed_out") else student.lm_head.weight,
+                       teacher.get_output_embeddings().weight)
+
+
+def test_distillation_lowers_the_kl_and_writes_a_model_card(lms, tmp_path):
+    run = distill_pythia.run(distill_args(lms, tmp_path, alpha=0.0, packing=True, hidden_weight=1.0))
+    log = read_log(run.log_path)
+    evals = log["eval"]["eval_loss"]  # alpha 0: the held-out loss is the KL alone (plus the hidden term)
+    assert evals[-1] < 0.8 * evals[0]
+    card = (run.checkpoint_dir / "model" / "README.md").read_text()
+    final = log["final"]
+    for name in ("teacher", "student base", "distilled"):
+        assert f"{final[f'{name}/perplexity']:.4f}" in card
+    assert "python jobs/distill_pythia.py" in card and "--packing" in card and "forward_kl" in card
+    assert final["distilled/perplexity"] < final["student base/perplexity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(run.checkpoint_dir / "model")
+    assert reloaded.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("kw", [dict(loss="reverse_kl", student_init="teacher_layers"),
+                                dict(loss="jsd", jsd_beta=0.3, student_init="random", student_layers=1),
+                                dict(loss="mse", hidden_loss="cosine", hidden_weight=0.5, layer_map="0:0,2:4", loss_chunks=1)],
+                         ids=["reverse_kl", "jsd", "mse+cosine"])
+def test_loss_menu_choices_train(lms, tmp_path, kw):
+    run = distill_pythia.run(distill_args(lms, tmp_path, max_steps=10, eval_steps=10, **kw))
+    evals = read_log(run.log_path)["eval"]["eval_loss"]
+    assert evals[-1] < evals[0]
+
+
+def test_sliding_windows_score_each_token_once():
+    stream = list(range(50))
+    windows = sliding_windows(stream, 16, 5)
+    scored = [t for w, skip in windows for t in w[max(skip, 1):]]
+    assert scored == list(range(1, 50))
+    assert all(len(w) <= 16 for w, _ in windows)
+
+
+def test_eval_lm_perplexity_against_the_model_loss(lms):
+    model = AutoModelForCausalLM.from_pretrained(lms["teacher"]).eval()
+    ids = list(range(5, 45))
+    out = evaluate_lm(model, sliding_windows(ids, 64, 32), "cpu")
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert out["tokens"] == 39 and out["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def test_lambada_accuracy_on_a_model_that_knows_the_answer(lms):
+    tok = AutoTokenizer.from_pretrained(lms["teacher"])
+    passages = ["the list sort method", "a class is an object"]
+    known = [tok(p, add_special_tokens=False)["input_ids"] for p in passages]
+
+    class Oracle(torch.nn.Module):  # predicts the true next token for the first passage only
+        def forward(self, input_ids):
+            logits = torch.zeros(1, input_ids.shape[1], len(tok))
+            if input_ids[0].tolist() == known[0]:
+                for i, t in enumerate(known[0][1:]):
+                    logits[0, i, t] = 1
+            return type("Out", (), {"logits": logits})
+
+    assert lambada_accuracy(Oracle(), tok, passages, "cpu") == 0.5
+
+
+def test_eval_lm_job(lms, tmp_path, capsys):
+    d = lms["dir"]
+    table = eval_lm.run(eval_lm.EvalLMArgs(models=[lms["teacher"], lms["student"]], eval_file=str(d / "eval.txt"),
+                                           max_seq_length=48, storage_directory=str(tmp_path), device="cpu"))
+    assert set(table) == {"teacher", "student"}
+    assert table["teacher"]["tokens"] == table["student"]["tokens"] > 0
+    assert read_log(tmp_path / "eval_results" / "eval_lm.h5")["attrs"]["status"] == "complete"
+
+
+BAD = [
+    (["--student", "OTHER"], "--student OTHER: vocabulary of"),
+    (["--loss", "kl"], "invalid choice: 'kl'"),
+    (["--student_init", "teacher_layers", "--student_layers", "2", "--hidden_weight", "1", "--layer_map", "0:1,3:2"],
+     "--layer_map 0:1,3:2: 3:2 is out of range"),
+    (["--alpha", "1.5"], "--alpha 1.5: must be in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_exit_2(lms, tmp_path, flags, message):
+    flags = [lms["other_vocab"] if f == "OTHER" else f for f in flags]
+    message = message.replace("OTHER", lms["other_vocab"])
+    d = lms["dir"]
+    base = ["--teacher", lms["teacher"], "--student", lms["student"], "--train_file", str(d / "train.txt"),
+            "--storage_directory", str(tmp_path)]
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill_pythia.py"), *base, *flags],
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
