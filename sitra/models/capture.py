@@ -88,3 +88,37 @@ def last_hidden_state(model, input_ids, attention_mask):
 def mlm_logits_from_hidden(model, hidden):
     """The MLM head of `model` applied to hidden states [B, T, H] -> [B, T, V]."""
     return model.cls(hidden)
+
+
+def transformer_layers(model):
+    """The list of transformer layers of a BERT, GPT-NeoX or Llama-family model."""
+    base = model.base_model
+    for path in ("layers", "encoder.layer", "h"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return obj
+    raise ValueError(f"{type(model).__name__}: no transformer layer list found")
+
+
+def qkv_hooks(model, layers: list[int], store: dict):
+    """Forward hooks that put each listed layer's attention inputs q, k, v ([B, T, heads * d]) into
+    store[layer]; q and k are taken before any rotary embedding. Returns the hook handles."""
+    handles = []
+    for i in layers:
+        layer = transformer_layers(model)[i]
+        slot = store.setdefault(i, {})
+        attn = getattr(layer, "attention", None)
+        if attn is not None and hasattr(attn, "query_key_value"):  # GPT-NeoX: fused, per head [q | k | v]
+            def fused(module, args, out, slot=slot, d=attn.head_size):
+                B, T, _ = out.shape
+                q, k, v = out.view(B, T, -1, 3 * d).split(d, dim=-1)
+                slot.update(q=q.reshape(B, T, -1), k=k.reshape(B, T, -1), v=v.reshape(B, T, -1))
+            handles.append(attn.query_key_value.register_forward_hook(fused))
+            continue
+        projections = ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) if hasattr(layer, "self_attn")
+                       else (attn.self.query, attn.self.key, attn.self.value))
+        for name, proj in zip("qkv", projections):
+            handles.append(proj.register_forward_hook(lambda m, a, out, slot=slot, name=name: slot.__setitem__(name, out)))
+    return handles

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from sitra import data, losses, models, results
 from sitra.cli import UsageError, apply_preset, command_line
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
+from sitra.models.capture import qkv_hooks
 from sitra.models.causal import final_hidden, lm_head, random_student, student_from_teacher_layers
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
@@ -37,6 +38,11 @@ class DistillLMArgs(TrainArgs, TextDataArgs):
     hidden_loss: Literal["mse", "cosine"] = field(default="mse", metadata={"help": "hidden-state term: MSE or cosine distance"})
     layer_map: str | None = field(default=None, metadata={
         "help": "student:teacher hidden-state pairs, e.g. 0:1,1:3 (0 = embeddings, i = output of layer i; default: last:last)"})
+    attention_weight: float = field(default=0.0, metadata={"help": "weight of the MiniLM attention-distribution (query-key relation) KL"})
+    value_weight: float = field(default=0.0, metadata={"help": "weight of the MiniLM value-relation KL"})
+    relation_layers: str | None = field(default=None, metadata={
+        "help": "student:teacher transformer layers of the relation terms, e.g. 1:3 (default: last:last)"})
+    relation_heads: int | None = field(default=None, metadata={"help": "relation heads (default: the teacher's attention heads)"})
     packing: bool = field(default=False, metadata={"help": "concatenate the text and cut it into constant-length blocks"})
     loss_chunks: int = field(default=8, metadata={"help": "positions are cut into this many pieces for the logit losses (1: plain)"})
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
@@ -88,7 +94,13 @@ def check(args: DistillLMArgs):
     if args.loss_chunks < 1:
         raise UsageError(f"--loss_chunks {args.loss_chunks}: must be at least 1")
     layer_map = parse_layer_map(args.layer_map, n_student, teacher_config.num_hidden_layers)
-    return teacher_config, n_student, layer_map
+    relation_map = parse_layer_map(args.relation_layers or f"{n_student - 1}:{teacher_config.num_hidden_layers - 1}",
+                                   n_student - 1, teacher_config.num_hidden_layers - 1)
+    heads = args.relation_heads or teacher_config.num_attention_heads
+    if args.attention_weight or args.value_weight:
+        if heads < 1 or teacher_config.hidden_size % heads:
+            raise UsageError(f"--relation_heads {heads}: must divide the teacher's hidden size {teacher_config.hidden_size}")
+    return teacher_config, n_student, layer_map, relation_map, heads
 
 
 class Distillation(nn.Module):
@@ -114,7 +126,7 @@ def make_student(args: DistillLMArgs, teacher, n_student: int, device):
 
 def run(args: DistillLMArgs):
     args = apply_preset(args, PRESETS)
-    teacher_config, n_student, layer_map = check(args)
+    teacher_config, n_student, layer_map, relation_map, relation_heads = check(args)
     tokenizer = models.load_tokenizer(args.teacher)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -145,6 +157,12 @@ def run(args: DistillLMArgs):
         ce = F.cross_entropy(s_logits[mask].float(), targets[mask]) if mask.any() else kd * 0
         return (1 - args.alpha) * kd + args.alpha * ce
 
+    relations = [(w, kind) for w, kind in ((args.attention_weight, "attention"), (args.value_weight, "value")) if w]
+    t_qkv, s_qkv = {}, {}
+    if relations:
+        qkv_hooks(teacher, [t for _, t in relation_map], t_qkv)
+        qkv_hooks(module.student, [s for s, _ in relation_map], s_qkv)
+
     def step_loss(batch):
         scored, next_tokens = data.shifted(batch)
         with torch.inference_mode():
@@ -166,6 +184,18 @@ def run(args: DistillLMArgs):
             hidden = sum(terms) / len(terms)
             loss = loss + args.hidden_weight * hidden
             parts["hidden"] = float(hidden.detach())
+        for weight, kind in relations:
+            token_mask = batch["attention_mask"].bool()
+            terms = []
+            for si, ti in relation_map:
+                sq, tq = s_qkv[si], {k: v.clone() for k, v in t_qkv[ti].items()}
+                if kind == "attention":
+                    terms.append(losses.relation_kl(sq["q"], tq["q"], token_mask, relation_heads, sq["k"], tq["k"]))
+                else:
+                    terms.append(losses.relation_kl(sq["v"], tq["v"], token_mask, relation_heads))
+            term = sum(terms) / len(terms)
+            loss = loss + weight * term
+            parts[f"{kind}_relation_kl"] = float(term.detach())
         return loss, parts
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
@@ -199,7 +229,9 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: 
         "## Method", "",
         f"- Loss: (1 - alpha) * T^2 * {args.loss}(teacher_T, student_T) + alpha * cross-entropy, alpha = {args.alpha}, "
         f"T = {args.temperature}" + (f", JSD beta = {args.jsd_beta}" if args.loss == "jsd" else "")
-        + (f"; plus {args.hidden_weight} x hidden-state {args.hidden_loss} on layers {args.layer_map or 'last:last'}" if args.hidden_weight else ""),
+        + (f"; plus {args.hidden_weight} x hidden-state {args.hidden_loss} on layers {args.layer_map or 'last:last'}" if args.hidden_weight else "")
+        + (f"; plus {args.attention_weight} x attention-relation and {args.value_weight} x value-relation KL on layers "
+           f"{args.relation_layers or 'last:last'}" if args.attention_weight or args.value_weight else ""),
         f"- Optimiser: AdamW, lr {args.lr}, weight decay {args.adam_weight_decay}, warm-up {args.warmup_steps} steps, "
         f"{args.lr_scheduler} schedule, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation, "
         f"{args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
