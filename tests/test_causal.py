@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
 
 from sitra import data
-from sitra.cli import UsageError
 from sitra.data import python_docs_paragraphs
 from sitra.evaluate import evaluate_lm, lambada_accuracy, sliding_windows
 from sitra.models.causal import student_from_teacher_layers, teacher_layer_indices

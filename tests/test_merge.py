@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sitra import models
-from sitra.cli import UsageError
 from sitra.data import python_docs_paragraphs
 from sitra.recipes import (
     build_merged, eval_merge_layer, eval_merged, finetune_conditioned_fully_merged as conditioned,

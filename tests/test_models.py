@@ -3,13 +3,11 @@
 Reference computations are written out independently (einsum per head, in float64) rather than
 calling the code under test; save/load is checked in a fresh Python process that only imports sitra.
 """
-import copy
 import json
 import math
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch

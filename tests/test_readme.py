@@ -6,10 +6,6 @@ from pathlib import Path
 import pytest
 
 from sitra.launch import LaunchArgs
-from sitra.recipes.build_retrained import BuildArgs
-from sitra.recipes.collect_results import CollectArgs
-from sitra.recipes.eval_retrained import EvalArgs
-from sitra.recipes.retrain_single_block import BlockArgs
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

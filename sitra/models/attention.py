@@ -1,7 +1,6 @@
 """The student attention block that replaces a teacher's `BertSelfAttention`."""
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -1,5 +1,4 @@
 """Read a teacher's intermediate tensors without running the layers it does not need."""
-import torch
 
 from sitra.models.bert import encoder_layers
 
@@ -8,13 +7,9 @@ class _Stop(Exception):
     pass
 
 
-def layer_io(model, start: int, stop: int, input_ids, attention_mask):
-    """(input of layer `start`, output of layer `stop - 1`) for a batch; the forward stops there.
-
-    Run it under `torch.inference_mode`.
-    """
+def _capture(model, first, last, input_ids, attention_mask):
+    """(input of module `first`, output of module `last`) in a forward that stops after `last`."""
     captured = {}
-    layers = encoder_layers(model)
 
     def take_input(module, args, kwargs):
         captured["x"] = args[0] if args else kwargs["hidden_states"]
@@ -23,8 +18,7 @@ def layer_io(model, start: int, stop: int, input_ids, attention_mask):
         captured["out"] = output[0] if isinstance(output, tuple) else output
         raise _Stop
 
-    handles = [layers[start].register_forward_pre_hook(take_input, with_kwargs=True),
-               layers[stop - 1].register_forward_hook(take_output)]
+    handles = [first.register_forward_pre_hook(take_input, with_kwargs=True), last.register_forward_hook(take_output)]
     try:
         model.base_model(input_ids=input_ids, attention_mask=attention_mask)
     except _Stop:
@@ -33,6 +27,15 @@ def layer_io(model, start: int, stop: int, input_ids, attention_mask):
         for h in handles:
             h.remove()
     return captured["x"], captured["out"]
+
+
+def layer_io(model, start: int, stop: int, input_ids, attention_mask):
+    """(input of layer `start`, output of layer `stop - 1`) for a batch; the forward stops there.
+
+    Run it under `torch.inference_mode`.
+    """
+    layers = encoder_layers(model)
+    return _capture(model, layers[start], layers[stop - 1], input_ids, attention_mask)
 
 
 def run_layers(model, hidden, attention_mask, start: int = 0, stop: int | None = None):
@@ -58,26 +61,8 @@ def block_io(model, layer: int, input_ids, attention_mask):
     The forward stops right after the attention block (dense + residual + LayerNorm of
     `BertSelfOutput`), so layers above it cost nothing. Run it under `torch.inference_mode`.
     """
-    captured = {}
     target = encoder_layers(model)[layer]
-
-    def take_input(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["hidden_states"]
-
-    def take_output(module, args, output):
-        captured["out"] = output[0]
-        raise _Stop
-
-    handles = [target.register_forward_pre_hook(take_input, with_kwargs=True),
-               target.attention.register_forward_hook(take_output)]
-    try:
-        model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return captured["x"], captured["out"]
+    return _capture(model, target, target.attention, input_ids, attention_mask)
 
 
 def last_hidden_state(model, input_ids, attention_mask):

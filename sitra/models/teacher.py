@@ -1,6 +1,5 @@
 """Load teachers and tokenizers by hub id or local folder, frozen and in eval mode."""
 import importlib.resources
-import os
 from pathlib import Path
 
 import torch

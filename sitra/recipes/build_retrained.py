@@ -8,7 +8,8 @@ import torch
 from sitra import models
 from sitra.cli import UsageError, apply_preset
 from sitra.presets import PRESETS
-from sitra.recipes.retrain_single_block import JOB as BLOCK_JOB, load_block_weights
+from sitra.recipes.common import load_weights
+from sitra.recipes.retrain_single_block import JOB as BLOCK_JOB
 
 
 @dataclass(kw_only=True)
@@ -44,7 +45,7 @@ def read_block(folder: Path, teacher: str, hidden_size: int):
         raise UsageError(f"--checkpoints {folder}: trained against {config['teacher']}, not --teacher {teacher}")
     if not (folder / "best.safetensors").exists():
         raise UsageError(f"--checkpoints {folder}: no best.safetensors (the block run has not finished)")
-    weights = load_block_weights(folder)
+    weights = load_weights(folder)
     heads = config["block_heads"]
     d_k = weights["query.weight"].shape[0] // heads
     block = models.StudentSelfAttention(hidden_size, heads, d_k, config["block_dropout"])

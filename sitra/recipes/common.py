@@ -137,3 +137,36 @@ def masked_kd(student_logits, teacher_logits, labels, temperature: float, alpha:
     parts = {"kl": float(kl.detach()), "mlm_ce": float(ce.detach()),
              "mlm_accuracy": float((student_logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0}
     return kl + alpha * ce, parts
+
+
+def train_module(module, job: str, run, args, train_batches, eval_batches, step_loss, device) -> dict:
+    """The shape of every module-level job: train `module` (its held-out mean of `step_loss`
+    selects the best checkpoint), load the best weights back, and log the final held-out numbers."""
+    from sitra import results
+    from sitra.train import train
+
+    def evaluate():
+        return held_out_mean(step_loss, eval_batches, device)
+
+    with results.RunLog(run.log_path, job, run.name, run.config) as log:
+        progress = train(module, train_batches, step_loss, args, run, log, evaluate)
+        module.load_state_dict(load_weights(run.checkpoint_dir))
+        module.eval()
+        with torch.inference_mode():
+            final = evaluate()
+        final["best_step"] = progress.best_step
+        log.complete(final)
+    print(f"{run.name}: best step {progress.best_step}, held-out " +
+          ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
+    print(f"checkpoint: {run.checkpoint_dir / 'best.safetensors'}; log: {run.log_path}")
+    return final
+
+
+def load_weights(checkpoint_dir: Path) -> dict:
+    """The best weights a finished run folder holds (best.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint_dir) / "best.safetensors"
+    if not path.exists():
+        raise UsageError(f"{checkpoint_dir}: no best.safetensors (the run did not finish)")
+    return load_file(str(path))

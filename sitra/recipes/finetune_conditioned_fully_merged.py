@@ -7,13 +7,12 @@ from typing import Literal
 
 import torch
 
-from sitra import losses, models, results
+from sitra import models, results
 from sitra.cli import UsageError, apply_preset
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import TextDataArgs, check_data_args, compare, fidelity, held_out_mean, text_batches
-from sitra.recipes.retrain_single_block import load_block_weights
+from sitra.recipes.common import TextDataArgs, check_data_args, compare, fidelity, held_out_mean, text_batches, load_weights
 from sitra.train import TrainArgs, check_train_args, seed_everything, train
 
 JOB = "finetune_conditioned_fully_merged"
@@ -80,9 +79,9 @@ def run(args: ConditionedArgs):
                     with results.RunLog(stage_run.log_path, JOB, stage_run.name, run_.config) as log:
                         train(layer, train_batches, step_loss, args, stage_run, log,
                               lambda: held_out_mean(step_loss, eval_batches, device))
-                        layer.load_state_dict(load_block_weights(stage_run.checkpoint_dir))
+                        layer.load_state_dict(load_weights(stage_run.checkpoint_dir))
                         log.complete({})
-                layer.load_state_dict(load_block_weights(stage_run.checkpoint_dir))
+                layer.load_state_dict(load_weights(stage_run.checkpoint_dir))
                 layer.eval()
                 for q in layer.parameters():
                     q.requires_grad_(False)

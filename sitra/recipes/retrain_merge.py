@@ -12,10 +12,11 @@ from sitra.cli import UsageError, apply_preset
 from sitra.models.merged import INITS
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
-    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, held_out_mean, text_batches,
+    train_module,
+    load_weights,
+    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
 )
-from sitra.recipes.retrain_single_block import load_block_weights
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, seed_everything
 
 JOB = "retrain_merge"
 
@@ -74,17 +75,7 @@ def run(args: MergeArgs):
     def step_loss(batch):
         return merge_step(layer, teacher, args.block, batch, args.criterion, on, args.temperature)
 
-    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
-        progress = train(layer, train_batches, step_loss, args, run_, log,
-                         lambda: held_out_mean(step_loss, eval_batches, device))
-        layer.load_state_dict(load_block_weights(run_.checkpoint_dir))
-        layer.eval()
-        with torch.inference_mode():
-            final = held_out_mean(step_loss, eval_batches, device)
-        final["best_step"] = progress.best_step
-        log.complete(final)
-    print(f"{run_.name}: best step {progress.best_step}, held-out " +
-          ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
+    train_module(layer, JOB, run_, args, train_batches, eval_batches, step_loss, device)
     return run_
 
 
@@ -117,7 +108,7 @@ def read_merged(folder: Path, teacher_model, teacher: str, flag: str = "--checkp
     """(first layer, merged layer with the run's best weights) of one merge run folder."""
     merge_run_start(folder, teacher, flag)
     config = json.loads((folder / "args.json").read_text())
-    weights = load_block_weights(folder)
+    weights = load_weights(folder)
     heads = config["block_heads"]
     d_k = weights["attention.self.query.weight"].shape[0] // heads
     inter = weights["intermediate.dense.weight"].shape[0]

@@ -11,9 +11,10 @@ from sitra.cli import UsageError, apply_preset
 from sitra.models.attention import attention_probs
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
-    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, held_out_mean, text_batches,
+    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
+    train_module,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, seed_everything
 
 JOB = "retrain_single_block"
 
@@ -93,30 +94,8 @@ def run(args: BlockArgs):
     def step_loss(batch):
         return block_loss(student, teacher, args.block, batch, args.criterion, on, args.temperature)
 
-    def evaluate():
-        return held_out_mean(step_loss, eval_batches, device)
-
-    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
-        progress = train(student, train_batches, step_loss, args, run_, log, evaluate)
-        student.load_state_dict(load_block_weights(run_.checkpoint_dir))
-        student.eval()
-        with torch.inference_mode():
-            final = evaluate()
-        final["best_step"] = progress.best_step
-        log.complete(final)
-    print(f"{run_.name}: best step {progress.best_step}, held-out " +
-          ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
-    print(f"block checkpoint: {run_.checkpoint_dir / 'best.safetensors'}; log: {run_.log_path}")
+    train_module(student, JOB, run_, args, train_batches, eval_batches, step_loss, device)
     return run_
-
-
-def load_block_weights(checkpoint_dir):
-    from safetensors.torch import load_file
-
-    path = checkpoint_dir / "best.safetensors"
-    if not path.exists():
-        raise UsageError(f"{checkpoint_dir}: no best.safetensors (the block run did not finish)")
-    return load_file(str(path))
 
 
 ARGS = BlockArgs

@@ -9,10 +9,10 @@ from sitra import models, results
 from sitra.cli import UsageError, apply_preset
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
-    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, held_out_mean, masked_kd, text_batches,
+    train_module,
+    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, masked_kd, text_batches,
 )
-from sitra.recipes.retrain_single_block import load_block_weights
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, seed_everything
 
 JOB = "train_block_till_end"
 
@@ -63,17 +63,7 @@ def run(args: BlockToEndArgs):
         return masked_kd(model.cls(hidden[masked]), teacher_logits.clone(), batch["labels"][masked],
                          args.temperature, args.alpha)
 
-    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
-        progress = train(student, train_batches, step_loss, args, run_, log,
-                         lambda: held_out_mean(step_loss, eval_batches, device))
-        student.load_state_dict(load_block_weights(run_.checkpoint_dir))
-        student.eval()
-        with torch.inference_mode():
-            final = held_out_mean(step_loss, eval_batches, device)
-        final["best_step"] = progress.best_step
-        log.complete(final)
-    print(f"{run_.name}: best step {progress.best_step}, held-out " +
-          ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
+    train_module(student, JOB, run_, args, train_batches, eval_batches, step_loss, device)
     return run_
 
 
