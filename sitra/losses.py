@@ -78,7 +78,7 @@ def generalized_jsd(student_logits, teacher_logits, mask, beta=0.5, temperature=
 
 def cosine_distance(a, b, mask):
     """1 - cosine similarity of the vectors along the last dim, averaged where mask is True."""
-    return 1 - cosine_similarity(a, b, mask)
+    return _masked_mean(1 - F.cosine_similarity(a.float(), b.float(), dim=-1), mask)
 
 
 def relation_kl(student_x, teacher_x, mask, heads: int, student_y=None, teacher_y=None):
@@ -130,7 +130,7 @@ def chunked_logit_loss(loss_fn, student_hidden, student_head, teacher_hidden, te
     loss_fn(..., targets=piece_targets).
     """
     total = mask.sum().clamp(min=1)
-    out = student_hidden.new_zeros((), dtype=torch.float32)
+    out = student_head(student_hidden[:0]).float().sum()  # 0, but in the graph: an empty mask still backpropagates
     for idx in torch.arange(len(mask), device=mask.device).chunk(chunks):
         piece = mask[idx]
         if not piece.any():
