@@ -44,7 +44,7 @@ class DistillLMArgs(TrainArgs, TextDataArgs):
         "help": "student:teacher transformer layers of the relation terms, e.g. 1:3 (default: last:last)"})
     relation_heads: int | None = field(default=None, metadata={"help": "relation heads (default: the teacher's attention heads)"})
     packing: bool = field(default=False, metadata={"help": "concatenate the text and cut it into constant-length blocks"})
-    loss_chunks: int = field(default=8, metadata={"help": "positions are cut into this many pieces for the logit losses (1: plain)"})
+    loss_chunks: int = field(default=16, metadata={"help": "positions are cut into this many pieces for the logit losses (1: plain)"})
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
