@@ -81,3 +81,16 @@ def wikitext():
     if not (WIKITEXT / "valid.txt").exists():
         pytest.skip("../shared/data/wikitext2 is absent (a fresh clone): the WikiText-2 tests need it")
     return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory):
+    """train.txt (200 paragraphs) and eval.txt (60) of the built-in corpus, and a file too short to train on."""
+    from sitra.data import python_docs_paragraphs
+
+    d = tmp_path_factory.mktemp("text")
+    paragraphs = python_docs_paragraphs()
+    (d / "train.txt").write_text("\n".join(paragraphs[:200]))
+    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1060]))
+    (d / "too_short.txt").write_text("a\nb\n")
+    return d

@@ -11,21 +11,11 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from sitra import models
 from sitra.cli import UsageError, main
-from sitra.data import python_docs_paragraphs
 from sitra.recipes import build_retrained, eval_retrained, retrain_single_block
 from sitra.recipes.retrain_single_block import BlockArgs
 from sitra.results import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    paragraphs = python_docs_paragraphs()
-    (d / "train.txt").write_text("\n".join(paragraphs[:200]))
-    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1060]))
-    return d
 
 
 def block_args(teacher, text_files, storage, **kw):

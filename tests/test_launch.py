@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from sitra.data import python_docs_paragraphs
 from sitra.launch import LaunchArgs, launch, parse_time, wait
 from sitra.recipes import retrain_single_block
 from sitra.recipes.collect_results import CollectArgs, run as collect
@@ -28,16 +27,6 @@ def slurm_ready() -> bool:
 
 needs_slurm = pytest.mark.skipif(not slurm_ready(), reason="no running SLURM cluster (.ci/slurm-cluster start)")
 CLUSTERS = [pytest.param("slurm", marks=needs_slurm), "local"]
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    paragraphs = python_docs_paragraphs()
-    (d / "train.txt").write_text("\n".join(paragraphs[:160]))
-    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1040]))
-    (d / "too_short.txt").write_text("a\nb\n")
-    return d
 
 
 def job_flags(teacher, text_files, **kw):

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from sitra.losses import (LOGIT_LOSSES, chunked_logit_loss, cosine_distance, generalized_jsd, kl_div, mse, relation_kl,
+from sitra.losses import (LOGIT_LOSSES, chunked_logit_loss, cosine_distance, generalized_jsd, kl_div, relation_kl,
                           reverse_kl)
 
 LN2 = math.log(2)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sitra import models
-from sitra.data import python_docs_paragraphs
 from sitra.recipes import (
     build_merged, eval_merge_layer, eval_merged, finetune_conditioned_fully_merged as conditioned,
     finetune_fully_merged, retrain_merge, train_block_till_end, train_full_merged_model,
@@ -15,15 +14,6 @@ from sitra.recipes import (
 from sitra.results import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    paragraphs = python_docs_paragraphs()
-    (d / "train.txt").write_text("\n".join(paragraphs[:200]))
-    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1060]))
-    return d
 
 
 def common(teacher, text_files, storage, **kw):
