@@ -17,7 +17,7 @@ from sitra.models.capture import qkv_hooks
 from sitra.models.causal import final_hidden, lm_head, random_student, student_from_teacher_layers
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean
+from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights
 from sitra.train import TrainArgs, check_train_args, seed_everything, train
 
 JOB = "distill_pythia"
@@ -201,9 +201,7 @@ def run(args: DistillLMArgs):
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
         progress = train(module, train_batches, step_loss, args, run_, log,
                          lambda: held_out_mean(step_loss, eval_batches, device))
-        from safetensors.torch import load_file
-
-        module.load_state_dict(load_file(str(run_.checkpoint_dir / "best.safetensors")), strict=False)
+        module.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
         output = run_.checkpoint_dir / "model"
         save_model_folder(student, tokenizer, output)

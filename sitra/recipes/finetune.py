@@ -12,7 +12,7 @@ from sitra.cli import UsageError, apply_preset
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, masked_kd, text_batches
+from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights, masked_kd, text_batches
 from sitra.train import TrainArgs, check_train_args, seed_everything, train
 
 
@@ -89,9 +89,7 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
     with results.RunLog(run_.log_path, job, run_.name, run_.config) as log:
         progress = train(model, train_batches, step_loss, args, run_, log,
                          lambda: held_out_mean(step_loss, eval_batches, device))
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(run_.checkpoint_dir / "best.safetensors")), strict=False)
+        model.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
