@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from sitra.cli import UsageError
 from sitra.data import (
-    BUILTIN, Batches, MLMCollator, batch_generator, load_texts, python_docs_paragraphs, take_fraction, tokenize_lines,
+    BUILTIN, Batches, MLMCollator, example_generator, load_texts, python_docs_paragraphs, take_fraction, tokenize_lines,
 )
 from sitra.recipes.common import TextDataArgs, check_data_args
 
@@ -74,8 +74,8 @@ def with_specials_inside(examples, tokenizer):
 @pytest.mark.parametrize("mlm_probability", [0.15, 0.4])
 def test_masking_statistics(tokenizer, docs_examples, mlm_probability):
     examples = with_specials_inside(docs_examples, tokenizer)
-    collate = MLMCollator(tokenizer, mlm_probability)
-    batches = [collate(examples, batch_generator(0, 0, i)) for i in range(3)]  # the corpus three times over
+    collate = MLMCollator.for_tokenizer(tokenizer, mlm_probability)
+    batches = [collate(examples, gens(0, i, len(examples))) for i in range(3)]  # the corpus three times over
     for batch in batches:  # the recovered originals are the examples: nothing unchosen moved
         before = originals(batch).tolist()
         assert all(before[i][: len(x)] == x for i, x in enumerate(examples))
@@ -128,7 +128,7 @@ def test_padding(tokenizer, pad_to_multiple_of):
     for n in [5, 12, 3, 9, 12, 4]:
         body = torch.randint(5, len(tokenizer), (n - 2,), generator=rng).tolist()
         examples.append([tokenizer.cls_token_id, *body, tokenizer.sep_token_id])
-    batch = MLMCollator(tokenizer, 0.5, pad_to_multiple_of=pad_to_multiple_of)(examples, batch_generator(3, 0, 0))
+    batch = MLMCollator.for_tokenizer(tokenizer, 0.5, pad_to_multiple_of=pad_to_multiple_of)(examples, gens(3, 0, len(examples)))
     T = 12 if pad_to_multiple_of is None else 16
     for k in ("input_ids", "attention_mask", "labels"):
         assert batch[k].shape == (len(examples), T) and batch[k].dtype == torch.long
@@ -142,27 +142,48 @@ def test_padding(tokenizer, pad_to_multiple_of):
     assert (batch["labels"] != -100).any()  # something was masked
 
 
+def gens(seed, epoch, n, first=0):
+    return [example_generator(seed, epoch, i) for i in range(first, first + n)]
+
+
 def test_same_generator_same_masks_different_index_different_masks(tokenizer, docs_examples):
-    collate = MLMCollator(tokenizer)
+    collate = MLMCollator.for_tokenizer(tokenizer)
     examples = docs_examples[:32]
     torch.manual_seed(0)
-    a = collate(examples, batch_generator(5, 2, 7))
+    a = collate(examples, gens(5, 2, 32, 7))
     torch.manual_seed(1)  # the global RNG plays no part
     torch.rand(100)
-    b = collate(examples, batch_generator(5, 2, 7))
+    b = collate(examples, gens(5, 2, 32, 7))
     assert_same_batch(a, b)
-    for other in [(5, 2, 8), (5, 3, 7), (6, 2, 7), (7, 2, 5)]:
-        c = collate(examples, batch_generator(*other))
+    for seed, epoch, first in [(5, 2, 8), (5, 3, 7), (6, 2, 7), (7, 2, 5)]:
+        c = collate(examples, gens(seed, epoch, 32, first))
         assert torch.equal(c["attention_mask"], a["attention_mask"])
-        assert not torch.equal(c["labels"], a["labels"]), other
-        assert not torch.equal(c["input_ids"], a["input_ids"]), other
+        assert not torch.equal(c["labels"], a["labels"]), (seed, epoch, first)
+        assert not torch.equal(c["input_ids"], a["input_ids"]), (seed, epoch, first)
 
 
-def test_batch_generator_streams():
-    first = [batch_generator(0, 0, i).initial_seed() for i in range(200)]
+def test_an_examples_masks_do_not_depend_on_its_batch(tokenizer, docs_examples):
+    """The same example with the same generator seed gets the same masks alone, in a batch of 32
+    padded to its longest member, or padded to a multiple of 64: batch size, padding and data
+    sharding across processes leave masking unchanged."""
+    collate = MLMCollator.for_tokenizer(tokenizer, 0.3)
+    wide = MLMCollator.for_tokenizer(tokenizer, 0.3, pad_to_multiple_of=64)
+    examples = docs_examples[:32]
+    together = collate(examples, gens(1, 0, 32))
+    padded = wide(examples, gens(1, 0, 32))
+    for i, x in enumerate(examples):
+        alone = collate([x], [example_generator(1, 0, i)])
+        n = len(x)
+        for k in ("input_ids", "labels"):
+            assert torch.equal(alone[k][0, :n], together[k][i, :n])
+            assert torch.equal(alone[k][0, :n], padded[k][i, :n])
+
+
+def test_example_generator_streams():
+    first = [example_generator(0, 0, i).initial_seed() for i in range(200)]
     assert len(set(first)) == 200
-    assert torch.equal(torch.rand(5, generator=batch_generator(1, 2, 3)), torch.rand(5, generator=batch_generator(1, 2, 3)))
-    assert not torch.equal(torch.rand(5, generator=batch_generator(1, 2, 3)), torch.rand(5, generator=batch_generator(1, 3, 2)))
+    assert torch.equal(torch.rand(5, generator=example_generator(1, 2, 3)), torch.rand(5, generator=example_generator(1, 2, 3)))
+    assert not torch.equal(torch.rand(5, generator=example_generator(1, 2, 3)), torch.rand(5, generator=example_generator(1, 3, 2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +205,7 @@ def distinct_examples(tokenizer):
 
 
 def make_batches(tokenizer, examples, **kw):
-    return Batches(examples, BATCH, MLMCollator(tokenizer, 0.3), **kw)
+    return Batches(examples, BATCH, MLMCollator.for_tokenizer(tokenizer, 0.3), **kw)
 
 
 def test_every_example_once_per_epoch(tokenizer, distinct_examples):
@@ -389,7 +410,7 @@ def test_wikitext_files_load_and_tokenize(wikitext, tokenizer):
     assert len(examples) > 0.9 * len(train)
     assert all(len(x) <= 128 and x[0] == tokenizer.cls_token_id and x[-1] == tokenizer.sep_token_id for x in examples)
     assert max(len(x) for x in examples) == 128  # some WikiText lines are longer and were cut
-    batch = MLMCollator(tokenizer)(examples[:16], batch_generator(0, 0, 0))
+    batch = MLMCollator.for_tokenizer(tokenizer)(examples[:16], gens(0, 0, 16))
     assert batch["input_ids"].shape[0] == 16 and (batch["labels"] != -100).any()
 
 

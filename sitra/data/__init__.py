@@ -1,4 +1,4 @@
 """Corpora, tokenisation, masking and resumable batching."""
-from sitra.data.mlm import Batches, MLMCollator, batch_generator, tokenize_lines
+from sitra.data.mlm import Batches, MLMCollator, example_generator, pad, tokenize_lines
 from sitra.data.text import BUILTIN, load_texts, python_docs_paragraphs, take_fraction
 from sitra.data.causal import CausalCollator, causal_texts, pack, shifted

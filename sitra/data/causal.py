@@ -1,5 +1,5 @@
 """Causal-LM text: packing into constant-length blocks, and padding with labels."""
-import torch
+from sitra.data.mlm import pad
 
 
 def pack(token_lists: list[list[int]], block_size: int, eos_id: int | None) -> list[list[int]]:
@@ -19,13 +19,8 @@ class CausalCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, examples: list[list[int]], generator=None) -> dict:
-        T = max(len(x) for x in examples)
-        input_ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-        for i, x in enumerate(examples):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attention_mask[i, : len(x)] = 1
+    def __call__(self, examples: list[list[int]], generators=None) -> dict:
+        input_ids, attention_mask = pad(examples, self.pad_id)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

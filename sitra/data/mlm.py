@@ -9,10 +9,24 @@ def tokenize_lines(lines: list[str], tokenizer, max_seq_length: int, min_tokens:
     return [x for x in ids if len(x) >= min_tokens]
 
 
-def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The random stream of one batch: the same batch always gets the same masks."""
+def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one example in one epoch: its masks do not depend on the batch size,
+    the order, the padding or how many processes share the batch."""
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def pad(examples: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None):
+    """(input_ids, attention_mask), right-padded to the longest example (rounded up to a multiple)."""
+    T = max(len(x) for x in examples)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, x in enumerate(examples):
+        input_ids[i, : len(x)] = torch.as_tensor(x)
+        attention_mask[i, : len(x)] = 1
+    return input_ids, attention_mask
 
 
 class MLMCollator:
@@ -20,38 +34,38 @@ class MLMCollator:
 
     Of the non-special, non-padding tokens, each is chosen with probability `mlm_probability`;
     a chosen token becomes the mask token (80%), a random non-special token (10%) or stays (10%).
-    `labels` hold the original ids at chosen positions and -100 elsewhere.
+    `labels` hold the original ids at chosen positions and -100 elsewhere. Each example draws from
+    its own generator, so its masks are the same however it is batched or padded.
     """
 
-    def __init__(self, tokenizer, mlm_probability: float = 0.15, pad_to_multiple_of: int | None = None):
-        self.pad_id = tokenizer.pad_token_id
-        self.mask_id = tokenizer.mask_token_id
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-        vocab = torch.arange(len(tokenizer))
+    def __init__(self, pad_id: int, mask_id: int, special_ids, vocab_size: int, mlm_probability: float = 0.15,
+                 pad_to_multiple_of: int | None = None):
+        self.pad_id, self.mask_id = pad_id, mask_id
+        self.special_ids = torch.tensor(sorted(set(special_ids)))
+        vocab = torch.arange(vocab_size)
         self.random_ids = vocab[~torch.isin(vocab, self.special_ids)]
         self.mlm_probability = mlm_probability
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def pad(self, examples: list[list[int]]):
-        T = max(len(x) for x in examples)
-        if self.pad_to_multiple_of:
-            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-        for i, x in enumerate(examples):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attention_mask[i, : len(x)] = 1
-        return input_ids, attention_mask
+    @classmethod
+    def for_tokenizer(cls, tokenizer, mlm_probability: float = 0.15, pad_to_multiple_of: int | None = None):
+        return cls(tokenizer.pad_token_id, tokenizer.mask_token_id, tokenizer.all_special_ids, len(tokenizer),
+                   mlm_probability, pad_to_multiple_of)
 
-    def __call__(self, examples: list[list[int]], generator: torch.Generator) -> dict:
+    def pad(self, examples: list[list[int]]):
+        return pad(examples, self.pad_id, self.pad_to_multiple_of)
+
+    def __call__(self, examples: list[list[int]], generators: list[torch.Generator]) -> dict:
         input_ids, attention_mask = self.pad(examples)
+        draws = torch.ones((2, *input_ids.shape))
+        random_tokens = torch.zeros_like(input_ids)
+        for i, (x, g) in enumerate(zip(examples, generators)):
+            draws[:, i, : len(x)] = torch.rand((2, len(x)), generator=g)
+            random_tokens[i, : len(x)] = self.random_ids[torch.randint(len(self.random_ids), (len(x),), generator=g)]
+        choose, action = draws
         maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
-        chosen = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & maskable
+        chosen = (choose < self.mlm_probability) & maskable
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-        action = torch.rand(input_ids.shape, generator=generator)
-        random_tokens = self.random_ids[
-            torch.randint(len(self.random_ids), input_ids.shape, generator=generator)
-        ]
         masked = input_ids.clone()
         masked[chosen & (action < 0.8)] = self.mask_id
         replace = chosen & (action >= 0.8) & (action < 0.9)
@@ -64,7 +78,7 @@ class Batches:
 
     The order of epoch e is a permutation drawn from (seed, e), so a resumed run that skips the
     first `start` batches sees exactly what an uninterrupted run saw; masks come from
-    `batch_generator(seed, epoch, batch index)`. With shuffle=False (evaluation) every model sees
+    `example_generator(seed, epoch, example index)`. With shuffle=False (evaluation) every model sees
     the same batches with the same masks.
     """
 
@@ -85,4 +99,4 @@ class Batches:
         order = self.order(epoch)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
-            yield self.collate([self.examples[i] for i in idx], batch_generator(self.seed, epoch, b))
+            yield self.collate([self.examples[i] for i in idx], [example_generator(self.seed, epoch, i) for i in idx])

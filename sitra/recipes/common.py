@@ -39,7 +39,7 @@ def check_data_args(args: TextDataArgs):
 def text_batches(args: TextDataArgs, tokenizer, batch_size: int, seed: int, need_train: bool = True):
     """(train batches or None, held-out batches with fixed masks) of tokenised, masked text."""
     train_lines, eval_lines = data.load_texts(args.dataset_name, args.dataset_config, args.train_file, args.eval_file)
-    collate = data.MLMCollator(tokenizer, args.mlm_probability)
+    collate = data.MLMCollator.for_tokenizer(tokenizer, args.mlm_probability)
     held_out = data.tokenize_lines(data.take_fraction(eval_lines, args.percentage_data), tokenizer, args.max_seq_length)
     if not held_out:
         raise UsageError("the held-out text is empty: give --eval_file or more data")
