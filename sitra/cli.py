@@ -45,15 +45,19 @@ def main(args_class, run, argv=None, positional: str | None = None):
 
     A job stopped early (`--stop_after_steps`, a preemption signal) says so and exits 0.
     """
+    from sitra import distributed
     from sitra.train import Interrupted
 
     args = parse(args_class, argv, positional)
     try:
+        distributed.setup()
         return run(args)
     except UsageError as e:
         fail(str(e))
     except Interrupted as e:
         print(e)
+    finally:
+        distributed.teardown()
 
 
 def fail(message: str):

@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from sitra import distributed
 from sitra.cli import UsageError
 from sitra.version import __version__
 
@@ -50,7 +51,10 @@ def job_id() -> str:
 
 
 def atomic_write(path: Path, write):
-    """Call write(tmp_path), then rename tmp_path to path: readers see the old or the new file."""
+    """Call write(tmp_path), then rename tmp_path to path: readers see the old or the new file.
+    Of several data-parallel processes only rank 0 writes."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -78,6 +82,9 @@ class RunLog:
 
     def start(self, resume_step: int | None = None):
         """Begin a fresh log, or continue the log of a run resumed at `resume_step`."""
+        self._started = True
+        if not distributed.is_main():
+            return
         if resume_step is not None and self.path.exists():
             try:
                 self._prior_wall, self._started_at = self._reopen(resume_step)
@@ -85,7 +92,6 @@ class RunLog:
                 os.replace(self.path, self.path.with_suffix(".h5.corrupt"))
         else:
             self.path.unlink(missing_ok=True)  # replaces the log of an attempt that saved nothing
-        self._started = True
         self.flush()
 
     def __enter__(self):
@@ -120,6 +126,10 @@ class RunLog:
         result = {}
         atomic_write(self.path, lambda tmp: result.setdefault("v", keep_upto_step(tmp)))
         return result["v"]
+
+    def note(self, **attrs):
+        """Facts about the run kept as attributes (e.g. world size, effective batch)."""
+        self._attrs.update(attrs)
 
     def train(self, step: int, **numbers):
         self._pending["train"].append({"step": step, **numbers})
@@ -197,8 +207,10 @@ def open_run(args, default_name: str) -> Run:
     run = Run(name, root / "checkpoints" / name, root / "eval_results" / f"{name}.h5", config_dict(args))
     saved = run.checkpoint_dir / "args.json"
     if args.overwrite:
-        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
-        run.log_path.unlink(missing_ok=True)
+        if distributed.is_main():
+            shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+            run.log_path.unlink(missing_ok=True)
+        distributed.barrier()
     elif saved.exists():
         differ = diff_configs(json.loads(saved.read_text()), run.config)
         if differ:

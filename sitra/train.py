@@ -4,6 +4,11 @@ A checkpoint (`checkpoints/<run>/latest.pt`) holds the trainable weights, optimi
 grad scaler, RNG states and the data position (epoch, batch within the epoch); it is written to a
 temporary file and renamed. Rerunning the same command resumes from it and, on CPU, ends with the
 same parameters bit for bit as a run that was never stopped.
+
+Under torchrun, srun or the launcher's --tasks_per_node the loop runs data-parallel: the trained
+module is wrapped in DistributedDataParallel, every process reads its own slice of each batch,
+gradients are all-reduced once per optimizer step (not on the accumulation micro-steps), and only
+rank 0 evaluates, logs and writes checkpoints (which hold every process's random state).
 """
 import math
 import random
@@ -16,9 +21,12 @@ from typing import Literal
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from sitra import distributed
 from sitra.cli import UsageError
 from sitra.models.teacher import pick_device
 from sitra.results import atomic_write
@@ -34,7 +42,7 @@ class TrainArgs:
     overwrite: bool = field(default=False, metadata={"help": "start over instead of resuming an existing run"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps to train; 0: as many as --epochs give"})
-    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
+    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch on each process (device)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     adam_weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
@@ -98,6 +106,7 @@ def progress_bar(**kwargs):
     import sys
 
     interactive = sys.stderr.isatty()
+    kwargs.setdefault("disable", not distributed.is_main())
     return tqdm(mininterval=1.0 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)
 
 
@@ -145,6 +154,29 @@ def trainable_state(model) -> dict:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class StepLoss(nn.Module):
+    """The trained model and its loss as one module: DistributedDataParallel must see the forward
+    that produces the loss to all-reduce the gradients of the parameters it used."""
+
+    def __init__(self, model, step_loss):
+        super().__init__()
+        self.model, self.step_loss = model, step_loss
+
+    def forward(self, batch):
+        return self.step_loss(batch)
+
+
+def data_parallel(model, step_loss, device):
+    """step_loss itself in one process; a DistributedDataParallel module over it in several.
+
+    The frozen teacher is never wrapped: DDP reduces only parameters that require grad, and
+    find_unused_parameters lets a job leave some trained parameters out of a step."""
+    if distributed.world_size() == 1:
+        return step_loss
+    return DistributedDataParallel(StepLoss(model, step_loss), device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=True)
+
+
 @dataclass
 class Progress:
     step: int = 0          # optimizer steps done
@@ -159,11 +191,16 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
     """Train the parameters of `model` that require grad; returns the final `Progress`.
 
     step_loss(batch) -> (loss, {name: float}) computes one micro-batch's loss (the mean over its
-    positions); micro-batch losses are averaged over the accumulation group. evaluate() -> dict
-    gives held-out metrics; the checkpoint with the lowest `select` is kept as best.safetensors.
+    positions); micro-batch losses are averaged over the accumulation group and over processes
+    (each weighted by its share of the batch's examples). evaluate() -> dict gives held-out
+    metrics; the checkpoint with the lowest `select` is kept as best.safetensors.
     """
     device = pick_device(args.device)
     autocast, use_scaler = autocast_for(device, args.precision)
+    world, main = distributed.world_size(), distributed.is_main()
+    if world > 1:
+        batches = batches.shard(distributed.rank(), world)
+    forward = data_parallel(model, step_loss, device)
     optimizer = _optimizer(model, args)
     accum = args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(batches) / accum)
@@ -174,26 +211,38 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
     eval_every = args.eval_steps or steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
     latest, best_path = run.checkpoint_dir / "latest.pt", run.checkpoint_dir / "best.safetensors"
+    effective = args.batch_size * world * accum
+    log.note(world_size=world, effective_batch_size=effective)
+    if world > 1 or accum > 1:
+        print(f"effective batch: {args.batch_size} per process x {world} processes x {accum} accumulation = {effective}")
 
     progress = Progress()
     if latest.exists():
         ckpt = torch.load(latest, map_location=device, weights_only=False)
+        if len(ckpt["rng"]) != world:
+            raise UsageError(f"{latest} was written by {len(ckpt['rng'])} processes and this run has {world}: "
+                             "resume with as many processes, or pass --overwrite")
         model.load_state_dict(ckpt["model"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         progress = Progress(**ckpt["progress"])
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"][distributed.rank()])
         log.start(resume_step=progress.step)
         print(f"resuming {run.name} from step {progress.step} of {total}")
     else:
+        if distributed.rank() > 0:  # own dropout masks per process; rank 0 draws as a lone process would
+            seed_everything(int(np.random.SeedSequence([args.seed, distributed.rank()]).generate_state(1)[0]))
         log.start()
 
     def save():
+        rng = distributed.all_gather_object(_rng_state())
+        if not main:
+            return
         log.flush()
         state = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "progress": vars(progress).copy(), "rng": _rng_state(), "config": run.config}
+                 "progress": vars(progress).copy(), "rng": rng, "config": run.config}
         atomic_write(latest, lambda tmp: torch.save(state, tmp))
 
     def run_eval():
@@ -210,32 +259,38 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
                 {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata=meta))
         return metrics
 
+    def stop_and_raise():
+        save()
+        bar.close()
+        raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
+
+    evaluate = evaluate if main else None  # the other processes wait for rank 0 at the next all-reduce
     if evaluate and progress.step == 0 and progress.last_eval_step < 0:
         run_eval()  # the starting point, so every log shows how far training moved
     _freeze_modes(model)
     bar = progress_bar(total=total, initial=progress.step, desc=run.name)
     while progress.step < total:
-        if _stop_requested.is_set():  # asked to stop before this step: the state is saved already
-            save()
-            bar.close()
-            raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
+        if distributed.all_reduce_sum([_stop_requested.is_set()], device)[0]:
+            stop_and_raise()  # asked to stop before this step: the state is saved already
         micro = []
         tick, tokens = time.perf_counter(), 0
         for batch in batches.epoch(progress.epoch, start=progress.batch):
-            micro.append(batch)
+            micro.append((batch, batches.share(progress.batch)))
             progress.batch += 1
             epoch_done = progress.batch == len(batches)
             if len(micro) < accum and not epoch_done:
                 continue
             parts_sum = {}
-            for b in micro:
+            for i, (b, share) in enumerate(micro):
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-                with autocast():
-                    loss, parts = step_loss(b)
-                scaler.scale(loss / len(micro)).backward()
+                no_sync = world > 1 and i < len(micro) - 1  # all-reduce once, after the last micro-batch
+                with forward.no_sync() if no_sync else nullcontext():
+                    with autocast():
+                        loss, parts = forward(b)
+                    scaler.scale(loss * share / len(micro)).backward()
                 tokens += int(b["attention_mask"].sum())
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / len(micro)
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share / len(micro)
             micro = []
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
@@ -247,11 +302,17 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
             progress.step += 1
             if epoch_done:
                 progress.epoch, progress.batch = progress.epoch + 1, 0
-            elapsed = time.perf_counter() - tick
-            tok_s = tokens / max(elapsed, 1e-9)
-            log.train(progress.step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, **parts_sum)
+            elapsed = max(time.perf_counter() - tick, 1e-9)
+            stop = _stop_requested.is_set() or progress.step == args.stop_after_steps
+            names = list(parts_sum)
+            total_tokens, stop, *values = distributed.all_reduce_sum([tokens, stop, *parts_sum.values()], device)
+            parts_sum = {k: v / world for k, v in zip(names, values)}  # the mean over processes
+            tok_s, tok_s_total = tokens / elapsed, total_tokens / elapsed
+            log.train(progress.step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, tokens_per_s_total=tok_s_total,
+                      **parts_sum)
             bar.update(1)
-            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}", tok_s=f"{tok_s:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}", tok_s=f"{tok_s:.0f}",
+                            **({"tok_s_total": f"{tok_s_total:.0f}"} if world > 1 else {}), refresh=False)
             tick, tokens = time.perf_counter(), 0
             done = progress.step >= total
             if evaluate and (progress.step % eval_every == 0 or done):
@@ -259,15 +320,13 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
                 bar.write(f"step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if progress.step % save_every == 0 or done:
                 save()
-            stop = _stop_requested.is_set() or progress.step == args.stop_after_steps
             if stop and not done:
-                save()
-                bar.close()
-                raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
+                stop_and_raise()
             if done or epoch_done:
                 break
     bar.close()
     if not best_path.exists() or not evaluate:
         atomic_write(best_path, lambda tmp: save_file(
             {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata={"step": str(progress.step)}))
+    distributed.barrier()  # the others may read best.safetensors next
     return progress

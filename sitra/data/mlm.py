@@ -1,4 +1,6 @@
-"""Tokenising lines and BERT's masked-language-model masking, reproducible per batch."""
+"""Tokenising lines and BERT's masked-language-model masking, reproducible per example."""
+import copy
+
 import numpy as np
 import torch
 
@@ -79,15 +81,57 @@ class Batches:
     The order of epoch e is a permutation drawn from (seed, e), so a resumed run that skips the
     first `start` batches sees exactly what an uninterrupted run saw; masks come from
     `example_generator(seed, epoch, example index)`. With shuffle=False (evaluation) every model sees
-    the same batches with the same masks.
+    the same batches with the same masks. `shard(rank, world)` gives one process its part of each
+    batch when several processes train together.
     """
+
+    rank, world = 0, 1
 
     def __init__(self, examples, batch_size: int, collate, seed: int = 0, shuffle: bool = True):
         self.examples, self.batch_size, self.collate = examples, batch_size, collate
         self.seed, self.shuffle = seed, shuffle
+        self._bounds = None
+
+    def shard(self, rank: int, world: int) -> "Batches":
+        """This process's part of every batch when `world` processes share the epoch.
+
+        Batch b then holds `batch_size * world` examples (batch_size is per process); process r
+        reads the r-th of `world` near-equal slices of it, so in an epoch every example is read
+        once by one process. A last batch too small to give every process an example joins the
+        batch before it.
+        """
+        if len(self.examples) < world:
+            from sitra.cli import UsageError
+
+            raise UsageError(f"{len(self.examples)} training examples cannot be shared by {world} processes")
+        part = copy.copy(self)
+        part.rank, part.world, part._bounds = rank, world, None
+        return part
+
+    def bounds(self) -> list[int]:
+        """Where each (global) batch starts in the epoch's order, and the end."""
+        if self._bounds is None:
+            n, size = len(self.examples), self.batch_size * self.world
+            starts = list(range(0, n, size))
+            if len(starts) > 1 and n - starts[-1] < self.world:
+                starts.pop()
+            self._bounds = starts + [n]
+        return self._bounds
 
     def __len__(self):
-        return -(-len(self.examples) // self.batch_size)
+        return len(self.bounds()) - 1
+
+    def share(self, b: int) -> float:
+        """world x the fraction of batch b this process holds: 1.0 when the slices are equal."""
+        lo, hi = self.bounds()[b], self.bounds()[b + 1]
+        mine = len(range(hi - lo)[self._slice(hi - lo)])
+        return mine * self.world / (hi - lo)
+
+    def _slice(self, n: int) -> slice:
+        """The rank's slice of n items, as torch.tensor_split cuts them."""
+        q, r = divmod(n, self.world)
+        lo = self.rank * q + min(self.rank, r)
+        return slice(lo, lo + q + (self.rank < r))
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -96,7 +140,8 @@ class Batches:
         return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
 
     def epoch(self, epoch: int = 0, start: int = 0):
-        order = self.order(epoch)
+        order, bounds = self.order(epoch), self.bounds()
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            idx = order[bounds[b]:bounds[b + 1]]
+            idx = idx[self._slice(len(idx))].tolist()
             yield self.collate([self.examples[i] for i in idx], [example_generator(self.seed, epoch, i) for i in idx])

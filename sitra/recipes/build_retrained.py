@@ -85,9 +85,13 @@ def run(args: BuildArgs) -> Path:
 
 
 def save_model_folder(model, tokenizer, output: Path):
-    """save_pretrained into a temporary folder, then rename it into place."""
+    """save_pretrained into a temporary folder, then rename it into place (rank 0 only)."""
     import shutil
 
+    from sitra import distributed
+
+    if not distributed.is_main():
+        return
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
