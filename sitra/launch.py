@@ -37,7 +37,9 @@ class LaunchArgs:
     cluster: str | None = field(default=None, metadata={"help": "slurm, local or debug (default: slurm where sbatch exists, else local)"})
     partition: str | None = field(default=None, metadata={"help": "SLURM partition"})
     time: str = field(default="4:00:00", metadata={"help": "time limit per task: minutes, HH:MM:SS or D-HH:MM:SS"})
-    gpus_per_task: int = field(default=0, metadata={"help": "GPUs per task"})
+    nodes: int = field(default=1, metadata={"help": "nodes per task (several: data-parallel over them, SLURM only)"})
+    tasks_per_node: int = field(default=1, metadata={"help": "processes per node, one per GPU (several: data-parallel training)"})
+    gpus_per_task: int = field(default=0, metadata={"help": "GPUs per process"})
     cpus_per_task: int = field(default=2, metadata={"help": "CPU cores per task"})
     mem_gb: float = field(default=8, metadata={"help": "memory per task in GB"})
     array_parallelism: int = field(default=256, metadata={"help": "tasks of the array running at once"})
@@ -179,7 +181,10 @@ class JobTask(submitit.helpers.Checkpointable):
         self.job = job
 
     def __call__(self, args):
+        from sitra import distributed
+
         request_stop(False)
+        distributed.setup()  # several processes per task: rendezvous from submitit's environment
         sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         submitit_handler = signal.getsignal(sig)
         if callable(submitit_handler):
@@ -187,6 +192,8 @@ class JobTask(submitit.helpers.Checkpointable):
         try:
             return job_module(self.job).run(args)
         except Interrupted as e:
+            if not distributed.is_main():  # rank 0 requeues the whole job; the others leave quietly
+                sys.exit(0)
             print(f"{e} (preempted: requeueing)", flush=True)
             if callable(submitit_handler):
                 signal.signal(sig, submitit_handler)
@@ -195,6 +202,8 @@ class JobTask(submitit.helpers.Checkpointable):
         except Exception:
             self.record_failure(args)
             raise
+        finally:
+            distributed.teardown()
 
     def record_failure(self, args):
         """A task that failed before its job opened a log still leaves a `failed` log behind,
@@ -215,11 +224,20 @@ def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
         raise UsageError(f"--cluster {cluster}: choose slurm, local or debug")
     if cluster == "slurm" and not shutil.which("sbatch"):
         raise UsageError("--cluster slurm: sbatch is not on PATH here; use --cluster local")
+    for flag in ("nodes", "tasks_per_node"):
+        if getattr(largs, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(largs, flag)}: must be at least 1")
+    if largs.nodes > 1 and cluster != "slurm":
+        raise UsageError(f"--nodes {largs.nodes}: several nodes need SLURM (--cluster slurm); on one machine use --tasks_per_node")
+    if largs.tasks_per_node > 1 and cluster == "debug":
+        raise UsageError("--tasks_per_node: the debug cluster runs one process; use --cluster local or slurm")
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     params = dict(name=f"sitra-{job}", timeout_min=parse_time(largs.time), cpus_per_task=largs.cpus_per_task,
-                  mem_gb=largs.mem_gb, gpus_per_node=largs.gpus_per_task, tasks_per_node=1, nodes=1)
+                  mem_gb=largs.mem_gb, gpus_per_node=largs.gpus_per_task * largs.tasks_per_node,
+                  tasks_per_node=largs.tasks_per_node, nodes=largs.nodes)
     if cluster == "slurm":
         params.update(slurm_array_parallelism=min(largs.array_parallelism, n_tasks),
+                      slurm_srun_args=["--kill-on-bad-exit=1"],  # a process that dies ends the job, no hang
                       slurm_setup=[line for group in largs.slurm_setup for line in group])
         for key in ("partition", "account", "constraint"):
             if getattr(largs, key):
@@ -261,7 +279,7 @@ def wait(jobs) -> dict:
     with tqdm(total=len(jobs), desc="tasks done", unit="task") as bar:
         for j in submitit.helpers.as_completed(jobs, poll_frequency=2):
             try:
-                j.result()
+                j.results()  # one per process of the task
                 errors[j.job_id] = ""
             except Exception as e:  # a failed task is reported, the others still count
                 errors[j.job_id] = error_line(str(e)) or type(e).__name__

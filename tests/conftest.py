@@ -94,3 +94,16 @@ def text_files(tmp_path_factory):
     (d / "eval.txt").write_text("\n".join(paragraphs[1000:1060]))
     (d / "too_short.txt").write_text("a\nb\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def equal_length_text(tmp_path_factory):
+    """64 training lines that all fill the 16-token window, so every process's batch has as many
+    tokens as its share of the examples: the mean over 2 processes equals the mean over both."""
+    from sitra.data import python_docs_paragraphs
+
+    d = tmp_path_factory.mktemp("long_lines")
+    long = [p for p in python_docs_paragraphs() if len(p.split()) > 40]
+    (d / "train.txt").write_text("\n".join(long[:64]))
+    (d / "eval.txt").write_text("\n".join(long[100:116]))
+    return d

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from sitra.cli import UsageError
 from sitra.data import Batches
-from sitra.data.text import python_docs_paragraphs
 from sitra.recipes.retrain_single_block import BlockArgs, run
 from sitra.results import read_log
 
@@ -63,17 +62,6 @@ def test_fewer_examples_than_processes():
 
 # ---------------------------------------------------------------------------------------------
 # torchrun with 2 processes on gloo
-
-
-@pytest.fixture(scope="module")
-def equal_length_text(tmp_path_factory):
-    """64 training lines that all fill the 16-token window, so every process's batch has as many
-    tokens as its share of the examples: the mean over 2 processes equals the mean over both."""
-    d = tmp_path_factory.mktemp("long_lines")
-    long = [p for p in python_docs_paragraphs() if len(p.split()) > 40]
-    (d / "train.txt").write_text("\n".join(long[:64]))
-    (d / "eval.txt").write_text("\n".join(long[100:116]))
-    return d
 
 
 def flags(teacher, text, storage, **kw) -> dict:
@@ -183,3 +171,23 @@ def test_world_size_without_rendezvous_is_one_line(tiny_teacher, equal_length_te
     assert lines[-1] == ("retrain_single_block.py: error: WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set: start "
                          "several processes with torchrun, srun or jobs/launch.py --tasks_per_node")
     assert not (tmp_path / "checkpoints").exists()  # before any compute
+
+
+def test_srun_starts_the_processes(tiny_teacher, equal_length_text, tmp_path):
+    """Plain `srun -n 2 python jobs/...` (no torchrun): the rendezvous comes from SLURM's variables."""
+    from test_launch import slurm_ready
+
+    if not slurm_ready():
+        pytest.skip("no running SLURM cluster (.ci/slurm-cluster start)")
+    values = flags(tiny_teacher, equal_length_text, tmp_path / "srun")
+    result = subprocess.run(["srun", "-n", "2", "-c", "1", "--mem-per-cpu=1024", "--kill-on-bad-exit=1", "--time=10",
+                             sys.executable, str(ROOT / "jobs" / "retrain_single_block.py"),
+                             *[f"--{k}={v}" for k, v in values.items()]],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path / "srun" / "eval_results" / f"{NAME}.h5")
+    assert log["attrs"]["world_size"] == 2 and log["attrs"]["status"] == "complete"
+    run(BlockArgs(**flags(tiny_teacher, equal_length_text, tmp_path / "one", batch_size=8)))
+    a, b = weights(tmp_path / "srun", "latest.pt")["model"], weights(tmp_path / "one", "latest.pt")["model"]
+    for k in a.keys() - {"key.bias"}:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -30,8 +30,8 @@ CLUSTERS = [pytest.param("slurm", marks=needs_slurm), "local"]
 
 
 def job_flags(teacher, text_files, **kw):
-    flags = dict(teacher=teacher, train_file=text_files / "train.txt", eval_file=text_files / "eval.txt",
-                 block_heads=2, block_d_k=8, max_seq_length=32, batch_size=8, max_steps=6, lr=3e-3,
+    files = dict(train_file=text_files / "train.txt", eval_file=text_files / "eval.txt") if text_files else {}
+    flags = dict(teacher=teacher, **files, block_heads=2, block_d_k=8, max_seq_length=32, batch_size=8, max_steps=6, lr=3e-3,
                  device="cpu", block_dropout=0.1)
     flags.update(kw)
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
@@ -149,6 +149,9 @@ BAD = [
     (["retrain_single_block", "--blocks", "0-1", "--storage_directory", "/proc/no-write"], "--storage_directory /proc/no-write: cannot write there"),
     (["retrain_single_block", "--blocks", "0-1", "--time", "soon"], "--time soon: use minutes"),
     (["retrain_single_block", "--blocks", "0-1", "--cluster", "cloud"], "--cluster cloud: choose slurm, local or debug"),
+    (["retrain_single_block", "--blocks", "0", "--cluster", "local", "--nodes", "2"],
+     "--nodes 2: several nodes need SLURM (--cluster slurm); on one machine use --tasks_per_node"),
+    (["retrain_single_block", "--blocks", "0", "--tasks_per_node", "0"], "--tasks_per_node 0: must be at least 1"),
 ]
 
 
@@ -227,3 +230,23 @@ def test_euler_scripts_run_end_to_end(tiny_teacher, text_files, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         assert "4 of 4 tasks complete" in out.stdout
     assert (tmp_path / "eval_results" / "eval_sweep" / "results_model_mlm_accuracy.png").exists()
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_two_processes_per_task_train_data_parallel(tiny_teacher, equal_length_text, tmp_path, cluster):
+    """--tasks_per_node 2: the task's two processes meet through submitit's environment and end
+    where one process with twice the batch ends (see tests/test_distributed.py)."""
+    flags = dict(train_file=equal_length_text / "train.txt", eval_file=equal_length_text / "eval.txt", block_heads=2,
+                 block_d_k=8, max_seq_length=16, block_dropout=0.0, max_steps=4, gradient_accumulation_steps=2, lr=3e-3)
+    jobs, manifest = launch("retrain_single_block", job_flags(tiny_teacher, text_files=None, **flags, batch_size=4),
+                            launch_args(tmp_path, cluster, blocks="1", tasks_per_node=2))
+    assert not any(wait(jobs).values())
+    task = json.loads(manifest.read_text())["tasks"][0]
+    log = read_log(tmp_path / "eval_results" / f"{task['run_name']}.h5")
+    assert log["attrs"]["status"] == "complete" and log["attrs"]["world_size"] == 2
+    direct = retrain_single_block.run(dataclasses.replace(
+        jobs[0].submission().args[0], storage_directory=str(tmp_path / "direct"), run_name="d", batch_size=8))
+    a = torch.load(tmp_path / "checkpoints" / task["run_name"] / "latest.pt", weights_only=False)["model"]
+    b = torch.load(direct.checkpoint_dir / "latest.pt", weights_only=False)["model"]
+    for k in a.keys() - {"key.bias"}:  # key.bias has no true gradient: see tests/test_distributed.py
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
