@@ -40,18 +40,22 @@ def parse(args_class, argv=None, positional: str | None = None):
     return args
 
 
-def main(args_class, run, argv=None, positional: str | None = None):
+def main(args_class, run, argv=None, positional: str | None = None, fused=None):
     """What a job script does: parse the flags, call `run`, report bad input in one line.
 
     A job stopped early (`--stop_after_steps`, a preemption signal) says so and exits 0.
+    fused=(FUSABLE, run_fused): comma lists given to those flags train the grid of them in one
+    fused task (sitra.fuse).
     """
-    from sitra import distributed
+    from sitra import distributed, fuse
     from sitra.train import Interrupted
 
-    args = parse(args_class, argv, positional)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    grid = fuse.expand_argv(argv, fused[0]) if fused else None
+    args = [parse(args_class, a, positional) for a in grid] if grid else parse(args_class, argv, positional)
     try:
         distributed.setup()
-        return run(args)
+        return fused[1](args) if grid else run(args)
     except UsageError as e:
         fail(str(e))
     except Interrupted as e:

@@ -27,7 +27,7 @@ from sitra.cli import UsageError
 from sitra.version import __version__
 
 # Arguments that do not change what a run computes, so a rerun may differ in them and resume.
-NOT_PART_OF_RUN = {"stop_after_steps", "overwrite", "storage_directory", "run_name", "device"}
+NOT_PART_OF_RUN = {"stop_after_steps", "overwrite", "storage_directory", "run_name", "device", "max_memory_gb"}
 
 
 def config_dict(args) -> dict:

@@ -10,7 +10,9 @@ module is wrapped in DistributedDataParallel, every process reads its own slice 
 gradients are all-reduced once per optimizer step (not on the accumulation micro-steps), and only
 rank 0 evaluates, logs and writes checkpoints (which hold every process's random state).
 """
+import hashlib
 import math
+import os
 import random
 import threading
 import time
@@ -60,6 +62,7 @@ class TrainArgs:
         default="auto", metadata={"help": "autocast dtype; auto: bf16 on a GPU that has it, else fp32"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     stop_after_steps: int = field(default=0, metadata={"help": "save and stop once this step is reached (rerun to resume); 0: off"})
+    max_memory_gb: float = field(default=0, metadata={"help": "refuse a fused group of students estimated to need more memory; 0: no limit"})
 
 
 def check_train_args(args: TrainArgs):
@@ -119,17 +122,17 @@ def autocast_for(device: torch.device, precision: str):
     return (lambda: torch.autocast(device.type, dtype=dtype)), precision == "fp16"
 
 
-def _rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def _swap_stream(state: dict) -> dict:
+    """Make `state` the global torch RNG (dropout); return the one it replaced."""
+    old = _rng_state()
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return old
 
 
 def _freeze_modes(model):
@@ -187,6 +190,71 @@ class Progress:
     last_eval_step: int = -1
 
 
+@dataclass
+class Trainee:
+    """One trained module with its loss, run folder and log; several may share one loop (a fused
+    sweep), each with its own optimizer, schedule, checkpoints, best-model choice and random stream."""
+    model: nn.Module
+    step_loss: object
+    run: object
+    log: object
+    evaluate: object = None
+    select: str = "eval_loss"
+
+
+def random_stream(seed: int, name: str, rank: int) -> dict:
+    """The RNG state (dropout) of one trainee in one process, derived from (seed, run name, rank):
+    what a student draws does not depend on which other students share its loop."""
+    key = [int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"), rank]
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+        return _rng_state()
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, resident size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _State:
+    """A trainee's optimizer, schedule, scaler, progress, random stream and checkpoint paths."""
+
+    def __init__(self, t: Trainee, args, total, device, use_scaler):
+        self.t = t
+        self.forward = data_parallel(t.model, t.step_loss, device)
+        self.optimizer = _optimizer(t.model, args)
+        self.scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=args.warmup_steps,
+                                       num_training_steps=total)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.params = [p for p in t.model.parameters() if p.requires_grad]
+        self.latest, self.best_path = t.run.checkpoint_dir / "latest.pt", t.run.checkpoint_dir / "best.safetensors"
+        self.next = t.run.checkpoint_dir / "latest.next.pt"
+        self.progress = Progress()
+        self.rng = random_stream(args.seed, t.run.name, distributed.rank())
+
+
+def _settle_checkpoints(states):
+    """Finish or undo a save that stopped half-way: a fused save writes every trainee's
+    latest.next.pt, then renames them to latest.pt. If all next files were written (or already
+    renamed) the renames are completed, else the next files are dropped: all trainees resume
+    from one step."""
+    pending = [s for s in states if s.next.exists()]
+    if not pending or not distributed.is_main():
+        return
+    step = torch.load(pending[0].next, map_location="cpu", weights_only=False)["progress"]["step"]
+    def at_step(s):
+        f = s.next if s.next.exists() else s.latest
+        return f.exists() and torch.load(f, map_location="cpu", weights_only=False)["progress"]["step"] == step
+    complete = all(at_step(s) for s in states)
+    for s in pending:
+        os.replace(s.next, s.latest) if complete else s.next.unlink()
+
+
 def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, select: str = "eval_loss"):
     """Train the parameters of `model` that require grad; returns the final `Progress`.
 
@@ -195,68 +263,82 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
     (each weighted by its share of the batch's examples). evaluate() -> dict gives held-out
     metrics; the checkpoint with the lowest `select` is kept as best.safetensors.
     """
+    return train_many([Trainee(model, step_loss, run, log, evaluate, select)], batches, args)[0]
+
+
+def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None) -> list[Progress]:
+    """Train several modules on the same batches in one loop (see `train` for one).
+
+    prepare(batch) -> batch runs once per micro-batch before any trainee's step_loss, e.g. the
+    frozen teacher's forward, whose outputs every trainee then reads: a fused sweep pays for
+    one teacher pass per batch. Each trainee's result is what it would be alone.
+    """
     device = pick_device(args.device)
     autocast, use_scaler = autocast_for(device, args.precision)
     world, main = distributed.world_size(), distributed.is_main()
     if world > 1:
         batches = batches.shard(distributed.rank(), world)
-    forward = data_parallel(model, step_loss, device)
-    optimizer = _optimizer(model, args)
     accum = args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(batches) / accum)
     total = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     save_every = args.save_steps or max(1, round(args.save_checkpoint_every * steps_per_epoch))
     eval_every = args.eval_steps or steps_per_epoch
-    params = [p for p in model.parameters() if p.requires_grad]
-    latest, best_path = run.checkpoint_dir / "latest.pt", run.checkpoint_dir / "best.safetensors"
+    states = [_State(t, args, total, device, use_scaler) for t in trainees]
     effective = args.batch_size * world * accum
-    log.note(world_size=world, effective_batch_size=effective)
     if world > 1 or accum > 1:
         print(f"effective batch: {args.batch_size} per process x {world} processes x {accum} accumulation = {effective}")
+    if len(states) > 1:
+        print(f"{len(states)} students share each teacher pass: " + ", ".join(s.t.run.name for s in states))
 
-    progress = Progress()
-    if latest.exists():
-        ckpt = torch.load(latest, map_location=device, weights_only=False)
-        if len(ckpt["rng"]) != world:
-            raise UsageError(f"{latest} was written by {len(ckpt['rng'])} processes and this run has {world}: "
-                             "resume with as many processes, or pass --overwrite")
-        model.load_state_dict(ckpt["model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        progress = Progress(**ckpt["progress"])
-        _set_rng_state(ckpt["rng"][distributed.rank()])
-        log.start(resume_step=progress.step)
-        print(f"resuming {run.name} from step {progress.step} of {total}")
-    else:
-        if distributed.rank() > 0:  # own dropout masks per process; rank 0 draws as a lone process would
-            seed_everything(int(np.random.SeedSequence([args.seed, distributed.rank()]).generate_state(1)[0]))
-        log.start()
+    _settle_checkpoints(states)
+    distributed.barrier()
+    for s in states:
+        s.t.log.note(world_size=world, effective_batch_size=effective, fused_students=len(states))
+        if s.latest.exists():
+            ckpt = torch.load(s.latest, map_location=device, weights_only=False)
+            if len(ckpt["rng"]) != world:
+                raise UsageError(f"{s.latest} was written by {len(ckpt['rng'])} processes and this run has {world}: "
+                                 "resume with as many processes, or pass --overwrite")
+            s.t.model.load_state_dict(ckpt["model"], strict=False)
+            s.optimizer.load_state_dict(ckpt["optimizer"])
+            s.scheduler.load_state_dict(ckpt["scheduler"])
+            s.scaler.load_state_dict(ckpt["scaler"])
+            s.progress = Progress(**ckpt["progress"])
+            s.rng = ckpt["rng"][distributed.rank()]
+            s.t.log.start(resume_step=s.progress.step)
+            print(f"resuming {s.t.run.name} from step {s.progress.step} of {total}")
+        else:
+            s.t.log.start()
+    if len({(s.progress.step, s.progress.epoch, s.progress.batch) for s in states}) > 1:
+        raise UsageError("the fused runs were saved at different steps: rerun them separately or pass --overwrite")
+    progress = states[0].progress  # the shared data position; each state keeps its own best
 
     def save():
-        rng = distributed.all_gather_object(_rng_state())
+        rngs = distributed.all_gather_object([s.rng for s in states])
         if not main:
             return
-        log.flush()
-        state = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "progress": vars(progress).copy(), "rng": rng, "config": run.config}
-        atomic_write(latest, lambda tmp: torch.save(state, tmp))
+        for i, s in enumerate(states):
+            s.t.log.flush()
+            s.progress.step, s.progress.epoch, s.progress.batch = progress.step, progress.epoch, progress.batch
+            state = {"model": trainable_state(s.t.model), "optimizer": s.optimizer.state_dict(),
+                     "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
+                     "progress": vars(s.progress).copy(), "rng": [r[i] for r in rngs], "config": s.t.run.config}
+            atomic_write(s.next, lambda tmp: torch.save(state, tmp))
+        for s in states:  # every trainee's checkpoint is written: now they all move on together
+            os.replace(s.next, s.latest)
 
-    def run_eval():
-        model.eval()
+    def run_eval(s):
+        s.t.model.eval()
         with torch.inference_mode(), autocast():
-            metrics = evaluate()
-        _freeze_modes(model)
-        progress.last_eval_step = progress.step
-        log.eval(progress.step, **metrics)
-        if metrics[select] < progress.best:
-            progress.best, progress.best_step = float(metrics[select]), progress.step
-            meta = {"step": str(progress.step), select: str(metrics[select])}
-            atomic_write(best_path, lambda tmp: save_file(
-                {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata=meta))
+            metrics = s.t.evaluate()
+        _freeze_modes(s.t.model)
+        s.progress.last_eval_step = progress.step
+        s.t.log.eval(progress.step, **metrics)
+        if metrics[s.t.select] < s.progress.best:
+            s.progress.best, s.progress.best_step = float(metrics[s.t.select]), progress.step
+            meta = {"step": str(progress.step), s.t.select: str(metrics[s.t.select])}
+            atomic_write(s.best_path, lambda tmp: save_file(
+                {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp), metadata=meta))
         return metrics
 
     def stop_and_raise():
@@ -264,11 +346,13 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
         bar.close()
         raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
 
-    evaluate = evaluate if main else None  # the other processes wait for rank 0 at the next all-reduce
-    if evaluate and progress.step == 0 and progress.last_eval_step < 0:
-        run_eval()  # the starting point, so every log shows how far training moved
-    _freeze_modes(model)
-    bar = progress_bar(total=total, initial=progress.step, desc=run.name)
+    evaluating = main  # the other processes wait for rank 0 at the next all-reduce
+    for s in states:
+        if evaluating and s.t.evaluate and progress.step == 0 and s.progress.last_eval_step < 0:
+            run_eval(s)  # the starting point, so every log shows how far training moved
+        _freeze_modes(s.t.model)
+    name = states[0].t.run.name + (f" (+{len(states) - 1} fused)" if len(states) > 1 else "")
+    bar = progress_bar(total=total, initial=progress.step, desc=name)
     while progress.step < total:
         if distributed.all_reduce_sum([_stop_requested.is_set()], device)[0]:
             stop_and_raise()  # asked to stop before this step: the state is saved already
@@ -280,44 +364,56 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
             epoch_done = progress.batch == len(batches)
             if len(micro) < accum and not epoch_done:
                 continue
-            parts_sum = {}
+            parts_sums = [{} for _ in states]
             for i, (b, share) in enumerate(micro):
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-                no_sync = world > 1 and i < len(micro) - 1  # all-reduce once, after the last micro-batch
-                with forward.no_sync() if no_sync else nullcontext():
-                    with autocast():
-                        loss, parts = forward(b)
-                    scaler.scale(loss * share / len(micro)).backward()
                 tokens += int(b["attention_mask"].sum())
-                for k, v in {"loss": float(loss.detach()), **parts}.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share / len(micro)
+                if prepare is not None:
+                    with autocast():
+                        b = prepare(b)
+                no_sync = world > 1 and i < len(micro) - 1  # all-reduce once, after the last micro-batch
+                for s, parts_sum in zip(states, parts_sums):
+                    global_rng = _swap_stream(s.rng)
+                    with s.forward.no_sync() if no_sync else nullcontext():
+                        with autocast():
+                            loss, parts = s.forward(b)
+                        s.scaler.scale(loss * share / len(micro)).backward()
+                    s.rng = _swap_stream(global_rng)
+                    for k, v in {"loss": float(loss.detach()), **parts}.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share / len(micro)
             micro = []
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            lrs, norms = [], []
+            for s in states:
+                s.scaler.unscale_(s.optimizer)
+                norms.append(float(torch.nn.utils.clip_grad_norm_(s.params, args.max_grad_norm or math.inf)))
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
+                s.optimizer.zero_grad(set_to_none=True)
+                lrs.append(s.scheduler.get_last_lr()[0])
+                s.scheduler.step()
             progress.step += 1
             if epoch_done:
                 progress.epoch, progress.batch = progress.epoch + 1, 0
             elapsed = max(time.perf_counter() - tick, 1e-9)
             stop = _stop_requested.is_set() or progress.step == args.stop_after_steps
-            names = list(parts_sum)
-            total_tokens, stop, *values = distributed.all_reduce_sum([tokens, stop, *parts_sum.values()], device)
-            parts_sum = {k: v / world for k, v in zip(names, values)}  # the mean over processes
+            flat = [v for parts_sum in parts_sums for v in parts_sum.values()]
+            total_tokens, stop, *flat = distributed.all_reduce_sum([tokens, stop, *flat], device)
             tok_s, tok_s_total = tokens / elapsed, total_tokens / elapsed
-            log.train(progress.step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, tokens_per_s_total=tok_s_total,
-                      **parts_sum)
+            for s, parts_sum, lr, norm in zip(states, parts_sums, lrs, norms):
+                n = len(parts_sum)
+                mean = {k: v / world for k, v in zip(parts_sum, flat[:n])}  # the mean over processes
+                flat = flat[n:]
+                s.t.log.train(progress.step, lr=lr, grad_norm=norm, tokens_per_s=tok_s, tokens_per_s_total=tok_s_total, **mean)
+                parts_sum.update(mean)
             bar.update(1)
-            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}", tok_s=f"{tok_s:.0f}",
+            bar.set_postfix(loss=f"{parts_sums[0]['loss']:.4g}", tok_s=f"{tok_s:.0f}",
                             **({"tok_s_total": f"{tok_s_total:.0f}"} if world > 1 else {}), refresh=False)
             tick, tokens = time.perf_counter(), 0
             done = progress.step >= total
-            if evaluate and (progress.step % eval_every == 0 or done):
-                metrics = run_eval()
-                bar.write(f"step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            for s in states:
+                if evaluating and s.t.evaluate and (progress.step % eval_every == 0 or done):
+                    metrics = run_eval(s)
+                    bar.write(f"{s.t.run.name} step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if progress.step % save_every == 0 or done:
                 save()
             if stop and not done:
@@ -325,8 +421,13 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
             if done or epoch_done:
                 break
     bar.close()
-    if not best_path.exists() or not evaluate:
-        atomic_write(best_path, lambda tmp: save_file(
-            {k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp), metadata={"step": str(progress.step)}))
+    peak = peak_memory_mb(device)
+    for s in states:
+        if not s.best_path.exists() or not (evaluating and s.t.evaluate):
+            atomic_write(s.best_path, lambda tmp: save_file(
+                {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp),
+                metadata={"step": str(progress.step)}))
+        s.t.log.note(peak_memory_mb=peak)
+        s.progress.step, s.progress.epoch, s.progress.batch = progress.step, progress.epoch, progress.batch
     distributed.barrier()  # the others may read best.safetensors next
-    return progress
+    return [s.progress for s in states]

@@ -7,18 +7,26 @@ class _Stop(Exception):
     pass
 
 
-def _capture(model, first, last, input_ids, attention_mask):
-    """(input of module `first`, output of module `last`) in a forward that stops after `last`."""
-    captured = {}
+def _capture(model, pairs: dict, input_ids, attention_mask) -> dict:
+    """{key: (input of module first, output of module last)} for pairs {key: (first, last)}, in
+    one forward that stops as soon as every wanted output exists."""
+    inputs, outputs, handles = {}, {}, []
 
-    def take_input(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["hidden_states"]
+    def take_input(key):
+        def hook(module, args, kwargs):
+            inputs[key] = args[0] if args else kwargs["hidden_states"]
+        return hook
 
-    def take_output(module, args, output):
-        captured["out"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
+    def take_output(key):
+        def hook(module, args, output):
+            outputs[key] = output[0] if isinstance(output, tuple) else output
+            if len(outputs) == len(pairs):
+                raise _Stop
+        return hook
 
-    handles = [first.register_forward_pre_hook(take_input, with_kwargs=True), last.register_forward_hook(take_output)]
+    for key, (first, last) in pairs.items():
+        handles += [first.register_forward_pre_hook(take_input(key), with_kwargs=True),
+                    last.register_forward_hook(take_output(key))]
     try:
         model.base_model(input_ids=input_ids, attention_mask=attention_mask)
     except _Stop:
@@ -26,7 +34,7 @@ def _capture(model, first, last, input_ids, attention_mask):
     finally:
         for h in handles:
             h.remove()
-    return captured["x"], captured["out"]
+    return {key: (inputs[key], outputs[key]) for key in pairs}
 
 
 def layer_io(model, start: int, stop: int, input_ids, attention_mask):
@@ -34,8 +42,13 @@ def layer_io(model, start: int, stop: int, input_ids, attention_mask):
 
     Run it under `torch.inference_mode`.
     """
+    return layers_io(model, [(start, stop)], input_ids, attention_mask)[(start, stop)]
+
+
+def layers_io(model, spans: list[tuple[int, int]], input_ids, attention_mask) -> dict:
+    """{(start, stop): layer_io(...)} for several spans in one forward."""
     layers = encoder_layers(model)
-    return _capture(model, layers[start], layers[stop - 1], input_ids, attention_mask)
+    return _capture(model, {(a, b): (layers[a], layers[b - 1]) for a, b in spans}, input_ids, attention_mask)
 
 
 def run_layers(model, hidden, attention_mask, start: int = 0, stop: int | None = None):
@@ -61,8 +74,13 @@ def block_io(model, layer: int, input_ids, attention_mask):
     The forward stops right after the attention block (dense + residual + LayerNorm of
     `BertSelfOutput`), so layers above it cost nothing. Run it under `torch.inference_mode`.
     """
-    target = encoder_layers(model)[layer]
-    return _capture(model, target, target.attention, input_ids, attention_mask)
+    return blocks_io(model, [layer], input_ids, attention_mask)[layer]
+
+
+def blocks_io(model, layers: list[int], input_ids, attention_mask) -> dict:
+    """{layer: block_io(...)} for several layers in one forward (a fused sweep's teacher pass)."""
+    own = encoder_layers(model)
+    return _capture(model, {i: (own[i], own[i].attention) for i in layers}, input_ids, attention_mask)
 
 
 def last_hidden_state(model, input_ids, attention_mask):

@@ -139,27 +139,38 @@ def masked_kd(student_logits, teacher_logits, labels, temperature: float, alpha:
     return kl + alpha * ce, parts
 
 
-def train_module(module, job: str, run, args, train_batches, eval_batches, step_loss, device) -> dict:
-    """The shape of every module-level job: train `module` (its held-out mean of `step_loss`
-    selects the best checkpoint), load the best weights back, and log the final held-out numbers."""
+def train_modules(modules, job: str, runs, args, train_batches, eval_batches, step_losses, device, prepare=None) -> list[dict]:
+    """The shape of every module-level job, for one module or a fused group: train each module
+    (its held-out mean of its step_loss selects its best checkpoint), load the best weights back,
+    and log the final held-out numbers. `prepare(batch)` (the shared teacher pass) runs once per
+    batch before every module's step_loss, in training and in evaluation."""
+    from contextlib import ExitStack
+
     from sitra import results
-    from sitra.train import train
+    from sitra.train import Trainee, train_many
 
-    def evaluate():
-        return held_out_mean(step_loss, eval_batches, device)
+    prepare = prepare or (lambda batch: batch)
 
-    with results.RunLog(run.log_path, job, run.name, run.config) as log:
-        progress = train(module, train_batches, step_loss, args, run, log, evaluate)
-        module.load_state_dict(load_weights(run.checkpoint_dir))
-        module.eval()
-        with torch.inference_mode():
-            final = evaluate()
-        final["best_step"] = progress.best_step
-        log.complete(final)
-    print(f"{run.name}: best step {progress.best_step}, held-out " +
-          ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
-    print(f"checkpoint: {run.checkpoint_dir / 'best.safetensors'}; log: {run.log_path}")
-    return final
+    def evaluator(step_loss):
+        return lambda: held_out_mean(lambda b: step_loss(prepare(b)), eval_batches, device)
+
+    finals = []
+    with ExitStack() as stack:
+        logs = [stack.enter_context(results.RunLog(r.log_path, job, r.name, r.config)) for r in runs]
+        trainees = [Trainee(m, loss, r, log, evaluator(loss)) for m, loss, r, log in zip(modules, step_losses, runs, logs)]
+        progresses = train_many(trainees, train_batches, args, prepare)
+        for t, progress in zip(trainees, progresses):
+            t.model.load_state_dict(load_weights(t.run.checkpoint_dir))
+            t.model.eval()
+            with torch.inference_mode():
+                final = t.evaluate()
+            final["best_step"] = progress.best_step
+            t.log.complete(final)
+            finals.append(final)
+            print(f"{t.run.name}: best step {progress.best_step}, held-out " +
+                  ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "best_step"))
+            print(f"checkpoint: {t.run.checkpoint_dir / 'best.safetensors'}; log: {t.run.log_path}")
+    return finals
 
 
 def load_weights(checkpoint_dir: Path) -> dict:

@@ -10,7 +10,7 @@ from sitra.cli import apply_preset
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.common import TextDataArgs, check_block, check_data_args, held_out_mean, text_batches
-from sitra.recipes.retrain_merge import find_merge_run, merge_run_start, merge_step, read_merged
+from sitra.recipes.retrain_merge import find_merge_run, merge_run_start, merge_step, read_merged, teacher_pass
 
 JOB = "eval_merge_layer"
 
@@ -44,7 +44,8 @@ def run(args: EvalMergeLayerArgs) -> dict:
     teacher = models.load_model(args.teacher, device)
     block, layer = read_merged(folder, teacher, args.teacher, flag="--checkpoint")
     with torch.inference_mode():
-        layer_fit = held_out_mean(lambda b: merge_step(layer, teacher, block, b, "MSE", "output", 1.0), batches, device)
+        prepare = teacher_pass(teacher, [block])
+        layer_fit = held_out_mean(lambda b: merge_step(layer, teacher, block, prepare(b), "MSE", "output", 1.0), batches, device)
     merged = models.with_merged_layers(teacher, {block: layer})
     metrics = evaluate_models({"teacher": teacher, "merged": merged}, "teacher", batches, device)
     metrics["merged"].update(layer_mse=layer_fit["block_mse"], layer_cosine=layer_fit["block_cosine"])

@@ -7,18 +7,20 @@ from typing import Literal
 
 import torch
 
-from sitra import losses, models, results
+from sitra import fuse, losses, models, results
 from sitra.cli import UsageError, apply_preset
+from sitra.models.capture import layers_io
 from sitra.models.merged import INITS
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
-    train_module,
+    train_modules,
     load_weights,
     StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
 )
 from sitra.train import TrainArgs, check_train_args, seed_everything
 
 JOB = "retrain_merge"
+FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout", "intermediate_size", "init")
 
 
 @dataclass(kw_only=True)
@@ -51,32 +53,63 @@ def merge_step(layer, teacher, block: int, batch, criterion: str, on: str, tempe
     """(loss, fidelity) of the merged layer on one batch: teacher input of `block` in, teacher
     output of `block + 1` as the target."""
     token_mask = batch["attention_mask"].bool()
-    with torch.inference_mode():
-        x, target = models.layer_io(teacher, block, block + 2, batch["input_ids"], batch["attention_mask"])
+    x, target = batch["layer_io"][(block, block + 2)]  # from the shared teacher pass (teacher_pass)
     x, target = x.clone(), target.clone()
     out = models.apply_layers([layer], teacher.config, x, batch["attention_mask"])
     loss = compare(out, target, token_mask, criterion, on, temperature, head=getattr(teacher, "cls", None))
     return loss, fidelity(out, target, token_mask)
 
 
+def default_run_name(args: MergeArgs, heads: int, d_k: int, inter: int) -> str:
+    return f"merge{args.block}_h{heads}_dk{d_k}_ff{inter}_{args.init}_{args.criterion}" + ("_logits" if args.loss_on_logits else "")
+
+
+def teacher_pass(teacher, blocks: list[int]):
+    """prepare(batch): the teacher's input of layer b and output of layer b + 1 for every
+    student's b, from one forward."""
+    def prepare(batch):
+        with torch.inference_mode():
+            spans = [(b, b + 2) for b in blocks]
+            return {**batch, "layer_io": layers_io(teacher, spans, batch["input_ids"], batch["attention_mask"])}
+    return prepare
+
+
+def check_fused(args_list: list[MergeArgs]):
+    shapes = [check(a) for a in args_list]
+    names = [a.run_name or default_run_name(a, h, d, i) for a, (_, h, d, i) in zip(args_list, shapes)]
+    fuse.check_shared(args_list, FUSABLE, names)
+    args, config = args_list[0], shapes[0][0]
+    each = [fuse.block_student_gb(config.hidden_size, h, d, args.batch_size, args.max_seq_length, i) for _, h, d, i in shapes]
+    shared = fuse.teacher_gb(config, args.batch_size, args.max_seq_length)
+    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each))
+    return shapes
+
+
 def run(args: MergeArgs):
-    args = apply_preset(args, PRESETS)
-    config, heads, d_k, inter = check(args)
+    return run_fused([args])[0]
+
+
+def run_fused(args_list: list[MergeArgs]):
+    """Train every merged layer of the list against one teacher pass per batch; returns their runs."""
+    args_list = [apply_preset(a, PRESETS) for a in args_list]
+    shapes = check_fused(args_list)
+    args = args_list[0]
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
-    name = f"merge{args.block}_h{heads}_dk{d_k}_ff{inter}_{args.init}_{args.criterion}" + ("_logits" if args.loss_on_logits else "")
-    run_ = results.open_run(args, name)
+    runs = [results.open_run(a, default_run_name(a, h, d, i)) for a, (_, h, d, i) in zip(args_list, shapes)]
     device = models.pick_device(args.device)
     seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
-    layer = models.new_merged_layer(teacher, args.block, heads, d_k, args.block_dropout, inter, args.init).to(device)
-    on = "logits" if args.loss_on_logits else "output"
-
-    def step_loss(batch):
-        return merge_step(layer, teacher, args.block, batch, args.criterion, on, args.temperature)
-
-    train_module(layer, JOB, run_, args, train_batches, eval_batches, step_loss, device)
-    return run_
+    layers, step_losses = [], []
+    for a, (_, heads, d_k, inter) in zip(args_list, shapes):
+        seed_everything(a.seed)  # each layer starts as it would alone
+        layer = models.new_merged_layer(teacher, a.block, heads, d_k, a.block_dropout, inter, a.init).to(device)
+        layers.append(layer)
+        on = "logits" if a.loss_on_logits else "output"
+        step_losses.append(lambda batch, m=layer, a=a, on=on: merge_step(m, teacher, a.block, batch, a.criterion, on, a.temperature))
+    prepare = teacher_pass(teacher, sorted({a.block for a in args_list}))
+    train_modules(layers, JOB, runs, args, train_batches, eval_batches, step_losses, device, prepare)
+    return runs
 
 
 def merge_runs(checkpoints: Path, teacher: str) -> list[Path]:

@@ -6,17 +6,19 @@ from typing import Literal
 
 import torch
 
-from sitra import losses, models, results
+from sitra import fuse, losses, models, results
 from sitra.cli import UsageError, apply_preset
 from sitra.models.attention import attention_probs
+from sitra.models.capture import blocks_io
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
     StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
-    train_module,
+    train_modules,
 )
 from sitra.train import TrainArgs, check_train_args, seed_everything
 
 JOB = "retrain_single_block"
+FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
 
 
 @dataclass(kw_only=True)
@@ -59,8 +61,8 @@ def block_loss(student, teacher, block: int, batch, criterion: str, on: str, tem
     over heads (student and teacher head counts may differ), padded queries and keys excluded.
     """
     token_mask = batch["attention_mask"].bool()
+    x, target = batch["block_io"][block]  # from the shared teacher pass (teacher_pass)
     with torch.inference_mode():
-        x, target = models.block_io(teacher, block, batch["input_ids"], batch["attention_mask"])
         if on == "scores":
             t_self = models.encoder_layers(teacher)[block].attention.self
             teacher_probs = attention_probs(t_self.query, t_self.key, teacher.config.num_attention_heads, x, token_mask).mean(1)
@@ -77,25 +79,53 @@ def block_loss(student, teacher, block: int, batch, criterion: str, on: str, tem
     return loss, fidelity(out, target, token_mask)
 
 
+def teacher_pass(teacher, blocks: list[int]):
+    """prepare(batch): the teacher's input and attention-block output of every student's block,
+    from one forward that stops after the deepest of them."""
+    def prepare(batch):
+        with torch.inference_mode():
+            return {**batch, "block_io": blocks_io(teacher, blocks, batch["input_ids"], batch["attention_mask"])}
+    return prepare
+
+
+def check_fused(args_list: list[BlockArgs]):
+    """check() of every student, then what fusing adds: shared flags, distinct names, memory."""
+    shapes = [check(a) for a in args_list]
+    names = [a.run_name or default_run_name(a, h, d) for a, (_, h, d) in zip(args_list, shapes)]
+    fuse.check_shared(args_list, FUSABLE, names)
+    args, config = args_list[0], shapes[0][0]
+    each = [fuse.block_student_gb(config.hidden_size, h, d, args.batch_size, args.max_seq_length) for _, h, d in shapes]
+    shared = fuse.teacher_gb(config, args.batch_size, args.max_seq_length)
+    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each))
+    return shapes
+
+
 def run(args: BlockArgs):
-    args = apply_preset(args, PRESETS)
-    config, heads, d_k = check(args)
+    return run_fused([args])[0]
+
+
+def run_fused(args_list: list[BlockArgs]):
+    """Train every student of the list against one teacher pass per batch; returns their runs."""
+    args_list = [apply_preset(a, PRESETS) for a in args_list]
+    shapes = check_fused(args_list)
+    args = args_list[0]
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
-    run_ = results.open_run(args, default_run_name(args, heads, d_k))
+    runs = [results.open_run(a, default_run_name(a, h, d)) for a, (_, h, d) in zip(args_list, shapes)]
     device = models.pick_device(args.device)
     seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
-    student = models.StudentSelfAttention(config.hidden_size, heads, d_k, args.block_dropout)
-    models.init_linear(student, config.initializer_range)
-    student.to(device)
-    on = "logits" if args.loss_on_logits else "scores" if args.loss_on_scores else "output"
-
-    def step_loss(batch):
-        return block_loss(student, teacher, args.block, batch, args.criterion, on, args.temperature)
-
-    train_module(student, JOB, run_, args, train_batches, eval_batches, step_loss, device)
-    return run_
+    students, step_losses = [], []
+    for a, (config, heads, d_k) in zip(args_list, shapes):
+        seed_everything(a.seed)  # each student starts as it would alone
+        student = models.StudentSelfAttention(config.hidden_size, heads, d_k, a.block_dropout)
+        models.init_linear(student, config.initializer_range)
+        students.append(student.to(device))
+        on = "logits" if a.loss_on_logits else "scores" if a.loss_on_scores else "output"
+        step_losses.append(lambda batch, s=student, a=a, on=on: block_loss(s, teacher, a.block, batch, a.criterion, on, a.temperature))
+    prepare = teacher_pass(teacher, sorted({a.block for a in args_list}))
+    train_modules(students, JOB, runs, args, train_batches, eval_batches, step_losses, device, prepare)
+    return runs
 
 
 ARGS = BlockArgs

@@ -5,16 +5,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sitra import models, results
+from sitra import fuse, models, results
 from sitra.cli import UsageError, apply_preset
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
-    train_module,
+    train_modules,
     StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, masked_kd, text_batches,
 )
 from sitra.train import TrainArgs, check_train_args, seed_everything
 
 JOB = "train_block_till_end"
+FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
 
 
 @dataclass(kw_only=True)
@@ -39,32 +40,68 @@ def check(args: BlockToEndArgs):
     return config, heads, d_k
 
 
-def run(args: BlockToEndArgs):
-    args = apply_preset(args, PRESETS)
-    config, heads, d_k = check(args)
-    tokenizer = models.load_tokenizer(args.teacher)
-    train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
-    run_ = results.open_run(args, f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_a{args.alpha:g}")
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
-    teacher = models.load_model(args.teacher, device)
-    student = models.StudentSelfAttention(config.hidden_size, heads, d_k, args.block_dropout)
-    models.init_linear(student, config.initializer_range)
-    model = copy.deepcopy(teacher)  # frozen; only the student block in it trains
-    models.replace_attention(model, args.block, student.to(device))
+def default_run_name(args: BlockToEndArgs, heads: int, d_k: int) -> str:
+    return f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_a{args.alpha:g}"
 
-    def step_loss(batch):
+
+def teacher_pass(teacher):
+    """prepare(batch): the teacher's hidden states (every student's block input) and its MLM
+    logits at the masked positions, from one forward."""
+    def prepare(batch):
         masked = batch["labels"] != -100
         with torch.inference_mode():
             out = teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      output_hidden_states=True)
-            x, teacher_logits = out.hidden_states[args.block], teacher.cls(out.last_hidden_state[masked])
-        hidden = models.run_layers(model, x.clone(), batch["attention_mask"], start=args.block)
-        return masked_kd(model.cls(hidden[masked]), teacher_logits.clone(), batch["labels"][masked],
-                         args.temperature, args.alpha)
+            return {**batch, "hidden_states": out.hidden_states, "teacher_logits": teacher.cls(out.last_hidden_state[masked])}
+    return prepare
 
-    train_module(student, JOB, run_, args, train_batches, eval_batches, step_loss, device)
-    return run_
+
+def check_fused(args_list: list[BlockToEndArgs]):
+    shapes = [check(a) for a in args_list]
+    names = [a.run_name or default_run_name(a, h, d) for a, (_, h, d) in zip(args_list, shapes)]
+    fuse.check_shared(args_list, FUSABLE, names)
+    args, config = args_list[0], shapes[0][0]
+    # each student runs the layers above its block and the MLM head: count a teacher copy and its activations
+    each = [fuse.block_student_gb(config.hidden_size, h, d, args.batch_size, args.max_seq_length)
+            + fuse.teacher_gb(config, args.batch_size, args.max_seq_length) * 2 for _, h, d in shapes]
+    shared = fuse.teacher_gb(config, args.batch_size, args.max_seq_length)
+    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each))
+    return shapes
+
+
+def run(args: BlockToEndArgs):
+    return run_fused([args])[0]
+
+
+def run_fused(args_list: list[BlockToEndArgs]):
+    """Train every student block of the list against one teacher pass per batch; returns their runs."""
+    args_list = [apply_preset(a, PRESETS) for a in args_list]
+    shapes = check_fused(args_list)
+    args = args_list[0]
+    tokenizer = models.load_tokenizer(args.teacher)
+    train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
+    runs = [results.open_run(a, default_run_name(a, h, d)) for a, (_, h, d) in zip(args_list, shapes)]
+    device = models.pick_device(args.device)
+    seed_everything(args.seed)
+    teacher = models.load_model(args.teacher, device)
+    students, step_losses = [], []
+    for a, (config, heads, d_k) in zip(args_list, shapes):
+        seed_everything(a.seed)  # each student starts as it would alone
+        student = models.StudentSelfAttention(config.hidden_size, heads, d_k, a.block_dropout)
+        models.init_linear(student, config.initializer_range)
+        model = copy.deepcopy(teacher)  # frozen; only the student block in it trains
+        models.replace_attention(model, a.block, student.to(device))
+        students.append(student)
+
+        def step_loss(batch, model=model, a=a):
+            masked = batch["labels"] != -100
+            x = batch["hidden_states"][a.block].clone()
+            hidden = models.run_layers(model, x, batch["attention_mask"], start=a.block)
+            return masked_kd(model.cls(hidden[masked]), batch["teacher_logits"].clone(), batch["labels"][masked],
+                             a.temperature, a.alpha)
+        step_losses.append(step_loss)
+    train_modules(students, JOB, runs, args, train_batches, eval_batches, step_losses, device, teacher_pass(teacher))
+    return runs
 
 
 ARGS = BlockToEndArgs
