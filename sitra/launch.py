@@ -32,6 +32,8 @@ class LaunchArgs:
     sweep: list[str] = field(default_factory=list, metadata={
         "action": "append", "help": "a sweep axis FLAG=V1,V2,... of the job (repeatable); the grid of all axes is run"})
     blocks: str | None = field(default=None, metadata={"help": "shorthand for --sweep block=...: 0-11, 0,2,4 or 6"})
+    fuse: str | None = field(default=None, metadata={
+        "help": "sweep axes trained together in one task against one teacher pass, e.g. block_d_k,block_heads"})
     sweep_name: str | None = field(default=None, metadata={"help": "folder of this sweep under eval_results/ and checkpoints/ (default: the job name)"})
     storage_directory: str = field(default=".", metadata={"help": "where checkpoints/, eval_results/ and slurm_logs/ go (e.g. scratch)"})
     cluster: str | None = field(default=None, metadata={"help": "slurm, local or debug (default: slurm where sbatch exists, else local)"})
@@ -190,7 +192,8 @@ class JobTask(submitit.helpers.Checkpointable):
         if callable(submitit_handler):
             signal.signal(sig, lambda *_: request_stop())
         try:
-            return job_module(self.job).run(args)
+            module = job_module(self.job)
+            return module.run_fused(args) if isinstance(args, list) else module.run(args)
         except Interrupted as e:
             if not distributed.is_main():  # rank 0 requeues the whole job; the others leave quietly
                 sys.exit(0)
@@ -212,10 +215,35 @@ class JobTask(submitit.helpers.Checkpointable):
 
         from sitra.results import RunLog
 
-        if getattr(args, "run_name", None) and hasattr(args, "storage_directory"):
-            path = Path(args.storage_directory) / "eval_results" / f"{args.run_name}.h5"
-            if not path.exists():
-                RunLog(path, self.job, args.run_name, config_dict(args)).fail(traceback.format_exc())
+        for a in args if isinstance(args, list) else [args]:
+            if getattr(a, "run_name", None) and hasattr(a, "storage_directory"):
+                path = Path(a.storage_directory) / "eval_results" / f"{a.run_name}.h5"
+                if not path.exists():
+                    RunLog(path, self.job, a.run_name, config_dict(a)).fail(traceback.format_exc())
+
+
+def fuse_groups(tasks: list[Task], axes: dict, largs: LaunchArgs, module) -> list[list[Task]]:
+    """Tasks grouped for --fuse: one group per value of the axes not fused (each task alone
+    without --fuse); every group is checked as the job will check it, memory included."""
+    if not largs.fuse:
+        return [[t] for t in tasks]
+    fused = [a.strip().lstrip("-") for a in largs.fuse.split(",") if a.strip()]
+    fusable = getattr(module, "FUSABLE", ())
+    for axis in fused:
+        if axis not in axes:
+            raise UsageError(f"--fuse {largs.fuse}: {axis} is not a sweep axis ({', '.join(axes) or 'none'})")
+        if axis not in fusable:
+            raise UsageError(f"--fuse {largs.fuse}: this job can fuse only {', '.join(fusable) or 'nothing'}")
+    groups = {}
+    for t in tasks:
+        groups.setdefault(tuple((k, str(v)) for k, v in t.values.items() if k not in fused), []).append(t)
+    for group in groups.values():
+        args_list = [t.args for t in group]
+        flag = "--max_memory_gb" if args_list[0].max_memory_gb else "--mem_gb"
+        for a in args_list:
+            a.max_memory_gb = a.max_memory_gb or largs.mem_gb  # a group must fit the memory its task asks for
+        module.check_fused(args_list, flag)
+    return list(groups.values())
 
 
 def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
@@ -255,15 +283,17 @@ def launch(job: str, job_argv: list[str], largs: LaunchArgs):
     tasks = expand(job, job_argv, axes, largs, sweep)
     refuse_changed_tasks(tasks, storage)
     check_storage(storage, sweep)
-    executor, cluster = make_executor(largs, storage / "slurm_logs" / sweep, job, len(tasks))
-    jobs = executor.map_array(JobTask(job), [t.args for t in tasks])
+    groups = fuse_groups(tasks, axes, largs, module)
+    executor, cluster = make_executor(largs, storage / "slurm_logs" / sweep, job, len(groups))
+    jobs = executor.map_array(JobTask(job), [[t.args for t in g] if largs.fuse else g[0].args for g in groups])
     manifest = storage / "eval_results" / sweep / "sweep.json"
-    record = {"job": job, "axes": axes, "cluster": cluster, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "command": [job, *job_argv], "tasks": [
-                  {"run_name": t.run_name, "values": t.values, "job_id": j.job_id} for t, j in zip(tasks, jobs)]}
+    record = {"job": job, "axes": axes, "fused": largs.fuse, "cluster": cluster,
+              "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": [job, *job_argv], "tasks": [
+                  {"run_name": t.run_name, "values": t.values, "job_id": j.job_id} for g, j in zip(groups, jobs) for t in g]}
     atomic_write(manifest, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     first, last = jobs[0].job_id, jobs[-1].job_id
-    print(f"submitted {len(jobs)} task(s) of {job} to {cluster}: job ids {first}" + (f" .. {last}" if last != first else ""))
+    fused = f" ({len(tasks)} students, {len(tasks) // len(groups)} per task)" if largs.fuse else ""
+    print(f"submitted {len(jobs)} task(s) of {job}{fused} to {cluster}: job ids {first}" + (f" .. {last}" if last != first else ""))
     print(f"  results:     {storage / 'eval_results' / sweep}/")
     print(f"  checkpoints: {storage / 'checkpoints' / sweep}/")
     print(f"  task logs:   {storage / 'slurm_logs' / sweep}/")

@@ -74,14 +74,14 @@ def teacher_pass(teacher, blocks: list[int]):
     return prepare
 
 
-def check_fused(args_list: list[MergeArgs]):
+def check_fused(args_list: list[MergeArgs], memory_flag: str = "--max_memory_gb"):
     shapes = [check(a) for a in args_list]
     names = [a.run_name or default_run_name(a, h, d, i) for a, (_, h, d, i) in zip(args_list, shapes)]
     fuse.check_shared(args_list, FUSABLE, names)
     args, config = args_list[0], shapes[0][0]
     each = [fuse.block_student_gb(config.hidden_size, h, d, args.batch_size, args.max_seq_length, i) for _, h, d, i in shapes]
     shared = fuse.teacher_gb(config, args.batch_size, args.max_seq_length)
-    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each))
+    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each), memory_flag)
     return shapes
 
 

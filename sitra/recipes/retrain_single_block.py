@@ -88,7 +88,7 @@ def teacher_pass(teacher, blocks: list[int]):
     return prepare
 
 
-def check_fused(args_list: list[BlockArgs]):
+def check_fused(args_list: list[BlockArgs], memory_flag: str = "--max_memory_gb"):
     """check() of every student, then what fusing adds: shared flags, distinct names, memory."""
     shapes = [check(a) for a in args_list]
     names = [a.run_name or default_run_name(a, h, d) for a, (_, h, d) in zip(args_list, shapes)]
@@ -96,7 +96,7 @@ def check_fused(args_list: list[BlockArgs]):
     args, config = args_list[0], shapes[0][0]
     each = [fuse.block_student_gb(config.hidden_size, h, d, args.batch_size, args.max_seq_length) for _, h, d in shapes]
     shared = fuse.teacher_gb(config, args.batch_size, args.max_seq_length)
-    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each))
+    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each), memory_flag)
     return shapes
 
 

@@ -56,7 +56,7 @@ def teacher_pass(teacher):
     return prepare
 
 
-def check_fused(args_list: list[BlockToEndArgs]):
+def check_fused(args_list: list[BlockToEndArgs], memory_flag: str = "--max_memory_gb"):
     shapes = [check(a) for a in args_list]
     names = [a.run_name or default_run_name(a, h, d) for a, (_, h, d) in zip(args_list, shapes)]
     fuse.check_shared(args_list, FUSABLE, names)
@@ -65,7 +65,7 @@ def check_fused(args_list: list[BlockToEndArgs]):
     each = [fuse.block_student_gb(config.hidden_size, h, d, args.batch_size, args.max_seq_length)
             + fuse.teacher_gb(config, args.batch_size, args.max_seq_length) * 2 for _, h, d in shapes]
     shared = fuse.teacher_gb(config, args.batch_size, args.max_seq_length)
-    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each))
+    fuse.check_memory(shared + sum(each), args.max_memory_gb, len(shapes), max(each), memory_flag)
     return shapes
 
 
