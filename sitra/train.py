@@ -266,12 +266,13 @@ def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, s
     return train_many([Trainee(model, step_loss, run, log, evaluate, select)], batches, args)[0]
 
 
-def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None) -> list[Progress]:
+def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, evaluate_all=None) -> list[Progress]:
     """Train several modules on the same batches in one loop (see `train` for one).
 
     prepare(batch) -> batch runs once per micro-batch before any trainee's step_loss, e.g. the
     frozen teacher's forward, whose outputs every trainee then reads: a fused sweep pays for
-    one teacher pass per batch. Each trainee's result is what it would be alone.
+    one teacher pass per batch. evaluate_all() -> [metrics of each trainee] may likewise share
+    the teacher's passes over the held-out batches. Each trainee's result is what it would be alone.
     """
     device = pick_device(args.device)
     autocast, use_scaler = autocast_for(device, args.precision)
@@ -327,32 +328,42 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None) 
         for s in states:  # every trainee's checkpoint is written: now they all move on together
             os.replace(s.next, s.latest)
 
-    def run_eval(s):
-        s.t.model.eval()
+    def evaluate_each():
+        return [s.t.evaluate() for s in states]
+
+    def run_evals():
+        for s in states:
+            s.t.model.eval()
         with torch.inference_mode(), autocast():
-            metrics = s.t.evaluate()
-        _freeze_modes(s.t.model)
-        s.progress.last_eval_step = progress.step
-        s.t.log.eval(progress.step, **metrics)
-        if metrics[s.t.select] < s.progress.best:
-            s.progress.best, s.progress.best_step = float(metrics[s.t.select]), progress.step
-            meta = {"step": str(progress.step), s.t.select: str(metrics[s.t.select])}
-            atomic_write(s.best_path, lambda tmp: save_file(
-                {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp), metadata=meta))
-        return metrics
+            all_metrics = (evaluate_all or evaluate_each)()
+        for s, metrics in zip(states, all_metrics):
+            _freeze_modes(s.t.model)
+            s.progress.last_eval_step = progress.step
+            s.t.log.eval(progress.step, **metrics)
+            if metrics[s.t.select] < s.progress.best:
+                s.progress.best, s.progress.best_step = float(metrics[s.t.select]), progress.step
+                meta = {"step": str(progress.step), s.t.select: str(metrics[s.t.select])}
+                atomic_write(s.best_path, lambda tmp: save_file(
+                    {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp), metadata=meta))
+            if len(states) == 1:
+                bar.write(f"step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if len(states) > 1:
+            bar.write(f"step {progress.step}: {states[0].t.select} " + "  ".join(
+                f"{s.t.run.name} {m[s.t.select]:.4g}" for s, m in zip(states, all_metrics)))
 
     def stop_and_raise():
         save()
         bar.close()
         raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
 
-    evaluating = main  # the other processes wait for rank 0 at the next all-reduce
-    for s in states:
-        if evaluating and s.t.evaluate and progress.step == 0 and s.progress.last_eval_step < 0:
-            run_eval(s)  # the starting point, so every log shows how far training moved
-        _freeze_modes(s.t.model)
+    # only rank 0 evaluates: the other processes wait for it at the next all-reduce
+    evaluating = main and (evaluate_all is not None or all(s.t.evaluate for s in states))
     name = states[0].t.run.name + (f" (+{len(states) - 1} fused)" if len(states) > 1 else "")
     bar = progress_bar(total=total, initial=progress.step, desc=name)
+    if evaluating and progress.step == 0 and progress.last_eval_step < 0:
+        run_evals()  # the starting point, so every log shows how far training moved
+    for s in states:
+        _freeze_modes(s.t.model)
     while progress.step < total:
         if distributed.all_reduce_sum([_stop_requested.is_set()], device)[0]:
             stop_and_raise()  # asked to stop before this step: the state is saved already
@@ -410,10 +421,8 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None) 
                             **({"tok_s_total": f"{tok_s_total:.0f}"} if world > 1 else {}), refresh=False)
             tick, tokens = time.perf_counter(), 0
             done = progress.step >= total
-            for s in states:
-                if evaluating and s.t.evaluate and (progress.step % eval_every == 0 or done):
-                    metrics = run_eval(s)
-                    bar.write(f"{s.t.run.name} step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if evaluating and (progress.step % eval_every == 0 or done):
+                run_evals()
             if progress.step % save_every == 0 or done:
                 save()
             if stop and not done:
@@ -423,7 +432,7 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None) 
     bar.close()
     peak = peak_memory_mb(device)
     for s in states:
-        if not s.best_path.exists() or not (evaluating and s.t.evaluate):
+        if not s.best_path.exists() or not evaluating:
             atomic_write(s.best_path, lambda tmp: save_file(
                 {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp),
                 metadata={"step": str(progress.step)}))

@@ -17,6 +17,9 @@ JOBS = {
     "eval_merged": "sitra.recipes.eval_merged",
     "distill_pythia": "sitra.recipes.distill_pythia",
     "eval_lm": "sitra.recipes.eval_lm",
+    "finetune_classifier": "sitra.recipes.finetune_classifier",
+    "distill_classifier": "sitra.recipes.distill_classifier",
+    "distill_summarizer": "sitra.recipes.distill_summarizer",
 }
 
 

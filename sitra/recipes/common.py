@@ -118,14 +118,22 @@ def fidelity(out, target, token_mask) -> dict:
 
 def held_out_mean(step_loss, batches, device) -> dict:
     """The mean over held-out batches of the loss and the numbers `step_loss` reports."""
-    sums, n = {}, 0
+    return held_out_means([step_loss], batches, device)[0]
+
+
+def held_out_means(step_losses, batches, device, prepare=None) -> list[dict]:
+    """held_out_mean of several step losses, with one `prepare` (teacher pass) per batch."""
+    sums, n = [{} for _ in step_losses], 0
     for batch in batches.epoch(0):
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, parts = step_loss(batch)
-        for k, v in {"eval_loss": float(loss), **parts}.items():
-            sums[k] = sums.get(k, 0.0) + v
+        if prepare is not None:
+            batch = prepare(batch)
+        for step_loss, total in zip(step_losses, sums):
+            loss, parts = step_loss(batch)
+            for k, v in {"eval_loss": float(loss), **parts}.items():
+                total[k] = total.get(k, 0.0) + v
         n += 1
-    return {k: v / n for k, v in sums.items()}
+    return [{k: v / n for k, v in total.items()} for total in sums]
 
 
 def masked_kd(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> tuple:
@@ -149,21 +157,20 @@ def train_modules(modules, job: str, runs, args, train_batches, eval_batches, st
     from sitra import results
     from sitra.train import Trainee, train_many
 
-    prepare = prepare or (lambda batch: batch)
-
-    def evaluator(step_loss):
-        return lambda: held_out_mean(lambda b: step_loss(prepare(b)), eval_batches, device)
+    def evaluate_all():
+        return held_out_means(step_losses, eval_batches, device, prepare)
 
     finals = []
     with ExitStack() as stack:
         logs = [stack.enter_context(results.RunLog(r.log_path, job, r.name, r.config)) for r in runs]
-        trainees = [Trainee(m, loss, r, log, evaluator(loss)) for m, loss, r, log in zip(modules, step_losses, runs, logs)]
-        progresses = train_many(trainees, train_batches, args, prepare)
-        for t, progress in zip(trainees, progresses):
+        trainees = [Trainee(m, loss, r, log) for m, loss, r, log in zip(modules, step_losses, runs, logs)]
+        progresses = train_many(trainees, train_batches, args, prepare, evaluate_all)
+        for t in trainees:
             t.model.load_state_dict(load_weights(t.run.checkpoint_dir))
             t.model.eval()
-            with torch.inference_mode():
-                final = t.evaluate()
+        with torch.inference_mode():
+            all_final = evaluate_all()
+        for t, progress, final in zip(trainees, progresses, all_final):
             final["best_step"] = progress.best_step
             t.log.complete(final)
             finals.append(final)

@@ -1,0 +1,178 @@
+"""Distil a sequence-classification teacher into a smaller student for the same task:
+L = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T), D from the loss menu.
+The checkpoint is chosen on the validation split; the test split is evaluated once with it. One
+table: teacher, student before KD and student after KD (accuracy, macro-F1, parameters, examples/s)."""
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from sitra import losses, models, results
+from sitra.cli import UsageError
+from sitra.evaluate import format_table
+from sitra.models.teacher import TOKENIZER_FILES
+from sitra.recipes.build_retrained import save_model_folder
+from sitra.recipes.common import load_weights
+from sitra.recipes.task_common import (
+    ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, classifier_table, data_description,
+    declared_labels, encoder_from_teacher_layers, flat, is_classifier, labelled_splits, optimiser_line,
+    validation_scores, write_card,
+)
+from sitra.train import TrainArgs, check_train_args, seed_everything, train
+
+JOB = "distill_classifier"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(kw_only=True)
+class DistillClassifierArgs(TrainArgs, ClassifierDataArgs):
+    teacher: str = field(metadata={"help": "sequence-classification model folder or hub id (see finetune_classifier)"})
+    student: str | None = field(default=None, metadata={
+        "help": "pretrained encoder or classifier (its head is new where it has none), or a folder with only config.json"})
+    student_init: Literal["auto", "pretrained", "config", "teacher_layers"] = field(default="auto", metadata={
+        "help": "pretrained: --student's weights; config: random weights of --student's config; teacher_layers: every "
+                "k-th teacher layer; auto: pretrained, or config where --student has no weights"})
+    student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers student (default: half the teacher's)"})
+    loss: Literal[tuple(losses.LOGIT_LOSSES)] = field(default="forward_kl", metadata={"help": "logit divergence from the loss menu"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the label cross-entropy; the divergence gets 1 - alpha"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence (its T^2 factor is inside the menu's losses)"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
+
+
+def student_source(args) -> str:
+    """pretrained, config or teacher_layers: what --student_init means for this --student."""
+    if args.student_init != "auto":
+        return args.student_init
+    if not args.student:
+        return "teacher_layers"
+    folder = Path(args.student)
+    if folder.is_dir() and not any((folder / f).exists() for f in WEIGHT_FILES):
+        return "config"
+    return "pretrained"
+
+
+def check(args: DistillClassifierArgs):
+    """(teacher config, student source, student layers) after checking every flag."""
+    check_train_args(args)
+    check_classifier_data(args)
+    teacher_config = models.load_config(args.teacher)
+    if not is_classifier(teacher_config):
+        raise UsageError(f"--teacher {args.teacher}: not a sequence classifier (architectures "
+                         f"{teacher_config.architectures}); fine-tune one with jobs/finetune_classifier.py")
+    source = student_source(args)
+    n_layers = teacher_config.num_hidden_layers
+    layers = args.student_layers or max(1, n_layers // 2)
+    if source == "teacher_layers":
+        if not 1 <= layers <= n_layers:
+            raise UsageError(f"--student_layers {layers}: allowed 1-{n_layers}")
+    else:
+        if not args.student:
+            raise UsageError(f"--student_init {args.student_init} needs --student")
+        student_config = models.load_config(args.student, "--student")
+        declared = declared_labels(args.student, student_config)
+        if declared is not None and declared != teacher_config.num_labels:
+            raise UsageError(f"--student {args.student}: {declared} labels, the teacher has {teacher_config.num_labels}; "
+                             "both must classify into the same labels")
+        if not has_tokenizer(args.student) and student_config.vocab_size < len(models.load_tokenizer(args.teacher)):
+            raise UsageError(f"--student {args.student}: has no tokenizer and its vocabulary ({student_config.vocab_size}) "
+                             f"is smaller than the teacher's tokenizer ({len(models.load_tokenizer(args.teacher))})")
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature {args.temperature}: must be positive")
+    if not 0 <= args.jsd_beta <= 1:
+        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
+    return teacher_config, source, layers
+
+
+def has_tokenizer(name: str) -> bool:
+    return any((Path(name) / f).exists() for f in TOKENIZER_FILES) if Path(name).is_dir() else True
+
+
+def classification_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float,
+                           loss: str = "forward_kl", jsd_beta: float = 0.5):
+    """(alpha * CE(labels) + (1 - alpha) * D_T, parts) over a batch of [B, C] logits; D_T is the
+    loss menu's divergence, which already holds the T^2 factor (mean over the batch)."""
+    every = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    extra = {"beta": jsd_beta} if loss == "jsd" else {}
+    kd = losses.LOGIT_LOSSES[loss](student_logits, teacher_logits, every, temperature=temperature, **extra)
+    ce = F.cross_entropy(student_logits.float(), labels)
+    return alpha * ce + (1 - alpha) * kd, {"ce": float(ce.detach()), loss: float(kd.detach())}
+
+
+def make_student(args, source: str, layers: int, teacher, id2label: dict, device):
+    labels = dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    if source == "teacher_layers":
+        student = encoder_from_teacher_layers(teacher, layers)
+    elif source == "pretrained":
+        student = AutoModelForSequenceClassification.from_pretrained(args.student, dtype=torch.float32, **labels)
+    else:
+        config = AutoConfig.from_pretrained(args.student, **labels)
+        student = AutoModelForSequenceClassification.from_config(config)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.to(device).train()
+
+
+def run(args: DistillClassifierArgs):
+    teacher_config, source, layers = check(args)
+    id2label = {int(k): v for k, v in teacher_config.id2label.items()}
+    splits = labelled_splits(args)
+    teacher_tok = models.load_tokenizer(args.teacher)
+    own = source != "teacher_layers" and has_tokenizer(args.student)  # a config-only student reads the teacher's tokens
+    student_tok = models.load_tokenizer(args.student, "--student") if own else teacher_tok
+    same_tokens = student_tok.get_vocab() == teacher_tok.get_vocab()
+    check_padding(teacher_tok, "--teacher", args.teacher)
+    check_padding(student_tok, "--student", args.student)
+    batches = classification_batches(splits, id2label, student_tok, args.max_seq_length, args.batch_size, args.seed,
+                                     None if same_tokens else teacher_tok)
+    student_name = f"{source}{layers}" if source == "teacher_layers" else f"{source}_{Path(args.student).name}"
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}")
+    device = models.pick_device(args.device)
+    seed_everything(args.seed)
+    teacher = models.load_model(args.teacher, device, auto=AutoModelForSequenceClassification)
+    student = make_student(args, source, layers, teacher, id2label, device)
+    before = copy.deepcopy(student).eval()
+    prefix = "" if same_tokens else "teacher_"
+
+    def step_loss(batch):
+        with torch.inference_mode():
+            t = teacher(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"]).logits
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return classification_kd_loss(s, t.clone(), batch["labels"], args.alpha, args.temperature, args.loss, args.jsd_beta)
+
+    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        progress = train(student, batches["train"], step_loss, args, run_, log,
+                         lambda: validation_scores(student, batches["validation"], device, args.select_on),
+                         select="selection_error")
+        student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
+        student.eval()
+        output = run_.checkpoint_dir / "model"
+        save_model_folder(student, student_tok, output)
+        table = classifier_table({"teacher": (teacher, prefix), "student before KD": (before, ""),
+                                  "student after KD": (student, "")}, batches, device)
+        log.complete(flat(table) | {"best_step": progress.best_step})
+    text = format_table(table, gap=("student after KD", "student before KD"))
+    init = {"teacher_layers": f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th, as DistilBERT)",
+            "pretrained": f"`{args.student}`", "config": f"random weights of `{args.student}`'s config"}[source]
+    divergence = args.loss + (f" (beta {args.jsd_beta})" if args.loss == "jsd" else "")
+    write_card(output, JOB, args, f"Distilled student of {args.teacher}",
+               [f"Made with sitra's `{JOB}` job: knowledge distillation of the classifier `{args.teacher}` into a "
+                f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
+               [f"Loss: alpha * CE(labels) + (1 - alpha) * T^2 * {divergence}(teacher_T || student_T), alpha = {args.alpha}, "
+                f"T = {args.temperature}; dynamic padding",
+                f"Optimiser: {optimiser_line(args)}",
+                f"Checkpoint: the best validation {args.select_on} (step {progress.best_step}); the test split, where given, "
+                "is evaluated once with it"],
+               data_description(args, len(batches["train"].examples), splits),
+               "Results (teacher, student before KD, student after KD; examples/s timed in the same run)", text)
+    print(text)
+    print(f"distilled student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
+    return run_
+
+
+ARGS = DistillClassifierArgs

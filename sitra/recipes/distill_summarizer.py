@@ -1,0 +1,232 @@
+"""Distil a causal-LM summarizer into a smaller one on (document, summary) pairs:
+L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T) on the summary tokens (and the EOS
+after them) only: the prompt and the padding carry no labels and no KD. The checkpoint is chosen
+on the validation loss; greedy summaries of teacher, student before and student after KD are
+scored with ROUGE-1/2/L (rouge-score, stemming on)."""
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from sitra import data, losses, models, results
+from sitra.cli import UsageError
+from sitra.data import tasks
+from sitra.evaluate import format_table
+from sitra.evaluate_tasks import generate_summaries, rouge, rouge_config
+from sitra.models.causal import final_hidden, lm_head, student_from_teacher_layers
+from sitra.recipes.build_retrained import save_model_folder
+from sitra.recipes.common import held_out_mean, load_weights
+from sitra.recipes.task_common import (
+    TaskDataArgs, check_task_data, data_description, flat, load_splits, optimiser_line, write_card,
+)
+from sitra.train import TrainArgs, check_train_args, seed_everything, train
+
+JOB = "distill_summarizer"
+DEFAULT_TEMPLATE = "Summarize the following:\n{document}\nSummary:"
+
+
+@dataclass(kw_only=True)
+class SummaryDataArgs(TaskDataArgs):
+    document_column: str = field(default="document", metadata={"help": "column of the document"})
+    summary_column: str = field(default="summary", metadata={"help": "column of the reference summary"})
+    prompt_template: str = field(default=DEFAULT_TEMPLATE, metadata={
+        "help": "prompt around {document}; a typed \\n is a newline. Labels start after it"})
+    max_prompt_length: int = field(default=384, metadata={"help": "prompt tokens at most (the document is cut, the template kept)"})
+    max_summary_length: int = field(default=128, metadata={"help": "summary tokens learned at most (the EOS comes after them)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per summary for ROUGE"})
+    generation_examples: int = field(default=0, metadata={
+        "help": "validation/test pairs summarised for ROUGE, taken evenly (0: all)"})
+    generation_batch_size: int = field(default=8, metadata={"help": "prompts per batch of greedy generation (left-padded)"})
+
+
+@dataclass(kw_only=True)
+class DistillSummarizerArgs(TrainArgs, SummaryDataArgs):
+    teacher: str = field(metadata={"help": "causal LM (fine-tuned for the task) folder or hub id"})
+    student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
+    student_init: Literal["pretrained", "teacher_layers"] = field(default="pretrained", metadata={
+        "help": "pretrained: load --student; teacher_layers: every k-th teacher layer"})
+    student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers student (default: half the teacher's)"})
+    loss: Literal[tuple(losses.LOGIT_LOSSES)] = field(default="forward_kl", metadata={"help": "logit divergence from the loss menu"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the summary cross-entropy; the divergence gets 1 - alpha"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence (T^2 is inside the menu's losses)"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
+    loss_chunks: int = field(default=4, metadata={"help": "summary positions are cut into this many pieces for the logit losses (1: plain)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+
+
+def template_of(args) -> str:
+    return args.prompt_template.replace("\\n", "\n")
+
+
+def check(args: DistillSummarizerArgs):
+    """(teacher config, student layers) after checking every flag."""
+    check_train_args(args)
+    check_task_data(args)
+    tasks.split_template(template_of(args))
+    for flag in ("max_prompt_length", "max_summary_length", "max_new_tokens", "generation_batch_size", "loss_chunks"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.generation_examples < 0:
+        raise UsageError(f"--generation_examples {args.generation_examples}: must be 0 (all) or more")
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature {args.temperature}: must be positive")
+    if not 0 <= args.jsd_beta <= 1:
+        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
+    teacher_config = models.load_config(args.teacher)
+    tokenizer = models.load_tokenizer(args.teacher)
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"--teacher {args.teacher}: its tokenizer has no EOS token to end the summaries with")
+    layers = args.student_layers or max(1, teacher_config.num_hidden_layers // 2)
+    if args.student_init == "pretrained":
+        if not args.student:
+            raise UsageError("--student_init pretrained needs --student")
+        student_config = models.load_config(args.student, "--student")
+        if student_config.vocab_size != teacher_config.vocab_size:
+            raise UsageError(f"--student {args.student}: vocabulary of {student_config.vocab_size} tokens, the teacher's "
+                             f"has {teacher_config.vocab_size}; distillation needs the same vocabulary")
+        if models.load_tokenizer(args.student, "--student").get_vocab() != tokenizer.get_vocab():
+            raise UsageError(f"--student {args.student}: its tokenizer differs from --teacher {args.teacher}'s")
+        layers = student_config.num_hidden_layers
+    elif not 1 <= layers <= teacher_config.num_hidden_layers:
+        raise UsageError(f"--student_layers {layers}: allowed 1-{teacher_config.num_hidden_layers}")
+    return teacher_config, layers
+
+
+def summary_pairs(args, tokenizer) -> dict[str, tuple[list[list[int]], list[str], list[list[int]], str]]:
+    """{split: (prompt ids, reference summaries, summary ids, source)}."""
+    template = template_of(args)
+    space = "" if template.endswith((" ", "\n")) else " "
+    out = {}
+    for split, (rows, source) in load_splits(args).items():
+        doc = tasks.pick_column(rows, args.document_column, (), "--document_column", source)
+        summ = tasks.pick_column(rows, args.summary_column, (), "--summary_column", source)
+        documents, summaries = tasks.column_values(rows, doc, source), tasks.column_values(rows, summ, source)
+        prompts = [tasks.encode_prompt(tokenizer, template, d, args.max_prompt_length) for d in documents]
+        targets = [ids[: args.max_summary_length]
+                   for ids in tokenizer([space + s for s in summaries], add_special_tokens=False)["input_ids"]]
+        out[split] = (prompts, summaries, targets, source)
+    return out
+
+
+def summary_kd_loss(student, teacher, batch, divergence, alpha: float, temperature: float, chunks: int = 1, **extra):
+    """alpha * CE + (1 - alpha) * D_T over the positions whose next token carries a label (the
+    summary and its EOS): the prompt and the padding take no part."""
+    scored = batch["labels"][:, 1:] != -100
+    targets = batch["labels"][:, 1:][scored]
+    with torch.inference_mode():
+        t = final_hidden(teacher, batch).last_hidden_state[:, :-1][scored]
+    s = final_hidden(student, batch).last_hidden_state[:, :-1][scored]
+    every = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
+
+    def logit_loss(s_logits, t_logits, mask, targets):
+        kd = divergence(s_logits, t_logits, mask, temperature=temperature, **extra)
+        return alpha * F.cross_entropy(s_logits[mask].float(), targets[mask]) + (1 - alpha) * kd
+
+    return losses.chunked_logit_loss(logit_loss, s, lm_head(student), t.clone(), lm_head(teacher), every,
+                                     chunks=chunks, targets=targets)
+
+
+def run(args: DistillSummarizerArgs):
+    teacher_config, layers = check(args)
+    tokenizer = models.load_tokenizer(args.teacher)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pairs = summary_pairs(args, tokenizer)
+    collate = tasks.SummaryCollator(tokenizer.pad_token_id)
+
+    def examples(split):
+        prompts, _, targets, _ = pairs[split]
+        return [tasks.summary_example(p, t, tokenizer.eos_token_id) for p, t in zip(prompts, targets)]
+
+    train_batches = data.Batches(examples("train"), args.batch_size, collate, seed=args.seed)
+    val_batches = data.Batches(examples("validation"), args.batch_size, collate, seed=args.seed, shuffle=False)
+    student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}")
+    device = models.pick_device(args.device)
+    seed_everything(args.seed)
+    teacher = models.load_model(args.teacher, device, auto=AutoModelForCausalLM)
+    if args.student_init == "pretrained":
+        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    else:
+        student = student_from_teacher_layers(teacher, layers)
+    student = student.to(device).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    before = copy.deepcopy(student).eval()
+    divergence = losses.LOGIT_LOSSES[args.loss]
+    extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
+
+    def step_loss(batch):
+        return summary_kd_loss(student, teacher, batch, divergence, args.alpha, args.temperature, args.loss_chunks, **extra), {}
+
+    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        progress = train(student, train_batches, step_loss, args, run_, log,
+                         lambda: held_out_mean(step_loss, val_batches, device))
+        student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
+        student.eval()
+        output = run_.checkpoint_dir / "model"
+        save_model_folder(student, tokenizer, output)
+        table, samples = rouge_table({"teacher": teacher, "student before KD": before, "student after KD": student},
+                                     pairs, tokenizer, args, device)
+        log.complete(flat(table) | {"best_step": progress.best_step, "rouge_use_stemmer": 1.0})
+    text = format_table(table, gap=("student after KD", "student before KD"))
+    init = (f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th)"
+            if args.student_init == "teacher_layers" else f"`{args.student}`")
+    n_rouge = {s: len(pick(pairs[s][0], args.generation_examples)) for s in ("validation", "test") if s in pairs}
+    write_card(output, JOB, args, f"Distilled summarizer of {args.teacher}",
+               [f"Made with sitra's `{JOB}` job: knowledge distillation of the causal LM `{args.teacher}` into a "
+                f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
+               [f"Prompt: `{template_of(args)!r}`; the summary follows it, then an EOS",
+                f"Loss on summary tokens and the EOS only: alpha * CE + (1 - alpha) * T^2 * {args.loss}(teacher_T || "
+                f"student_T), alpha = {args.alpha}, T = {args.temperature}"
+                + (f", JSD beta {args.jsd_beta}" if args.loss == "jsd" else ""),
+                f"Optimiser: {optimiser_line(args)}",
+                f"Checkpoint: the lowest validation loss (step {progress.best_step})",
+                f"Evaluation: greedy generation, at most {args.max_new_tokens} new tokens; {rouge_config()}; "
+                + ", ".join(f"{n} {s} pairs" for s, n in n_rouge.items())],
+               data_description(args, len(train_batches.examples), pairs),
+               "Results (ROUGE F-measure; examples/s of greedy generation in the same run)", text,
+               extra=sample_lines(samples))
+    print(text)
+    print(f"distilled summarizer: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
+    return run_
+
+
+def pick(items: list, n: int) -> list:
+    """n items taken evenly (all for n = 0)."""
+    return items if not n or n >= len(items) else data.take_fraction(items, n / len(items))[:n]
+
+
+def rouge_table(models_: dict, pairs: dict, tokenizer, args, device) -> tuple[dict, dict]:
+    """({model: {split_rouge1, ..., parameters, examples_per_s}}, the validation summaries)."""
+    table, samples, speeds = {n: {} for n in models_}, {}, {}
+    for split in ("validation", "test"):
+        if split not in pairs:
+            continue
+        prompts, references = pick(pairs[split][0], args.generation_examples), pick(pairs[split][1], args.generation_examples)
+        for name, model in models_.items():
+            summaries, speed = generate_summaries(model, prompts, tokenizer, args.max_new_tokens, args.generation_batch_size,
+                                                  device, desc=f"{name} on {split}")
+            table[name].update({f"{split}_{k}": v for k, v in rouge(summaries, references).items()})
+            if split == "validation":
+                samples[name], speeds[name] = summaries, speed
+    for name, model in models_.items():
+        table[name].update(parameters=sum(p.numel() for p in model.parameters()), examples_per_s=speeds[name])
+    samples["reference"] = pick(pairs["validation"][1], args.generation_examples)
+    return table, samples
+
+
+def sample_lines(samples: dict, n: int = 2) -> list[str]:
+    lines = ["## Sample validation summaries", ""]
+    for i in range(min(n, len(samples["reference"]))):
+        lines += [f"{i + 1}."] + [f"   - {name}: {texts[i]!r}" for name, texts in samples.items()] + [""]
+    return lines
+
+
+ARGS = DistillSummarizerArgs
