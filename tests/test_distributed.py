@@ -191,3 +191,19 @@ def test_srun_starts_the_processes(tiny_teacher, equal_length_text, tmp_path):
     a, b = weights(tmp_path / "srun", "latest.pt")["model"], weights(tmp_path / "one", "latest.pt")["model"]
     for k in a.keys() - {"key.bias"}:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("job, extra", [
+    ("train_block_till_end", {"alpha": 0.5}),
+    ("retrain_merge", {"intermediate_size": 48}),
+])
+def test_other_training_jobs_run_unchanged_under_torchrun(tiny_teacher, equal_length_text, tmp_path, job, extra):
+    values = {**flags(tiny_teacher, equal_length_text, tmp_path, max_steps=4, eval_steps=2), **extra}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "jobs" / f"{job}.py"),
+           *[f"--{k}={v}" for k, v in values.items()]]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (log_path,) = (tmp_path / "eval_results").glob("*.h5")
+    log = read_log(log_path)
+    assert log["attrs"]["status"] == "complete" and log["attrs"]["world_size"] == 2
+    assert log["train"]["step"].tolist() == [1, 2, 3, 4] and log["eval"]["step"].tolist() == [0, 2, 4]
