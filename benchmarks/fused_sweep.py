@@ -79,7 +79,7 @@ def sweep_flops(blocks, shapes, T, H, I, fuse_blocks: bool, fuse_shapes: bool):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", help="BERT-like teacher folder (default: the MiniLM teacher)")
-    p.add_argument("--blocks", default="2,5", help="the two blocks of the sweep")
+    p.add_argument("--blocks", default="4,5", help="the two blocks of the sweep (deeper blocks: longer teacher passes to share)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
