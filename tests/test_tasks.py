@@ -18,7 +18,7 @@ from sitra.cli import UsageError
 from sitra.data import tasks
 from sitra.evaluate_tasks import accuracy, generate_summaries, macro_f1, rouge
 from sitra.recipes import distill_classifier, distill_summarizer, finetune_classifier
-from sitra.recipes.task_common import encoder_from_teacher_layers
+from sitra.models.causal import student_from_teacher_layers
 from sitra.results import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_teacher_layers_student_copies_every_kth_layer_exactly():
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
                                                        intermediate_size=32, num_labels=3)).eval()
-    student = encoder_from_teacher_layers(teacher, 2).eval()
+    student = student_from_teacher_layers(teacher, 2).eval()
     assert type(student) is BertForSequenceClassification and student.config.num_hidden_layers == 2
     for new, old in enumerate([0, 3]):
         for (n1, a), (n2, b) in zip(student.bert.encoder.layer[new].named_parameters(),

@@ -14,12 +14,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from sitra import losses, models, results
 from sitra.cli import UsageError
 from sitra.evaluate import format_table
+from sitra.models.causal import student_from_teacher_layers
 from sitra.models.teacher import TOKENIZER_FILES
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import load_weights
 from sitra.recipes.task_common import (
     ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, classifier_table, data_description,
-    declared_labels, encoder_from_teacher_layers, flat, is_classifier, labelled_splits, optimiser_line,
+    declared_labels, flat, is_classifier, labelled_splits, optimiser_line,
     validation_scores, write_card,
 )
 from sitra.train import TrainArgs, check_train_args, seed_everything, train
@@ -107,7 +108,7 @@ def classification_kd_loss(student_logits, teacher_logits, labels, alpha: float,
 def make_student(args, source: str, layers: int, teacher, id2label: dict, device):
     labels = dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if source == "teacher_layers":
-        student = encoder_from_teacher_layers(teacher, layers)
+        student = student_from_teacher_layers(teacher, layers)
     elif source == "pretrained":
         student = AutoModelForSequenceClassification.from_pretrained(args.student, dtype=torch.float32, **labels)
     else:

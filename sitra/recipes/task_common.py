@@ -1,7 +1,6 @@
 """What the task jobs (finetune_classifier, distill_classifier, distill_summarizer) share: where
 the splits come from, checks that keep the test split out of model selection, classification
-batches, an encoder cut from a teacher's layers, and the model card."""
-import copy
+batches and the model card."""
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -9,7 +8,6 @@ from typing import Literal
 from sitra import data, results
 from sitra.cli import UsageError, command_line
 from sitra.data import tasks
-from sitra.models.causal import LAYER_KEY, teacher_layer_indices
 
 
 @dataclass(kw_only=True)
@@ -157,25 +155,6 @@ def declared_labels(name: str, config) -> int | None:
     if is_classifier(config) or "id2label" in raw or "num_labels" in raw:
         return config.num_labels
     return None
-
-
-def encoder_from_teacher_layers(teacher, student_layers: int):
-    """A model of the teacher's class with `student_layers` of its layers (every k-th, first
-    included, as DistilBERT did), its embeddings, pooler and head: copied tensors are exact."""
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = student_layers
-    student = type(teacher)(config)
-    keep = teacher_layer_indices(teacher.config.num_hidden_layers, student_layers)
-    new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        m = LAYER_KEY.search(key)
-        if m is None:
-            state[key] = value
-        elif int(m[2]) in new_index:
-            state[key[: m.start()] + f".{m[1]}.{new_index[int(m[2])]}." + key[m.end():]] = value
-    student.load_state_dict(state, strict=True)
-    return student
 
 
 def write_card(folder: Path, job: str, args, title: str, about: list[str], method: list[str], data_lines: list[str],
