@@ -145,3 +145,21 @@ def chunked_logit_loss(loss_fn, student_hidden, student_head, teacher_hidden, te
 
         out = out + checkpoint(piece_loss, student_hidden[idx], teacher_hidden[idx], use_reentrant=False)
     return out / total
+
+
+def masked_lm_distillation(student_logits, teacher_logits, labels, mask, temperature=1.0, alpha=0.5):
+    """alpha * T^2 * KL(p_T || p_S) + (1 - alpha) * CE(student, labels), p = softmax(logits / T),
+    each term averaged over the positions where mask is True (the masked tokens of MLM).
+
+    logits [..., V]; labels and mask [...]; labels elsewhere (e.g. -100) are never read.
+    Returns (loss, kl, ce) with kl already times T^2, so loss = alpha * kl + (1 - alpha) * ce.
+    """
+    kl = kl_div(student_logits, teacher_logits, mask, temperature)
+    per_pos = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]),
+                              torch.where(mask, labels, 0).reshape(-1), reduction="none").view(labels.shape)
+    ce = _masked_mean(per_pos, mask)
+    return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded (sparse) teachers: the teacher's distribution is known only at a few ids per position.

@@ -20,6 +20,10 @@ JOBS = {
     "finetune_classifier": "sitra.recipes.finetune_classifier",
     "distill_classifier": "sitra.recipes.distill_classifier",
     "distill_summarizer": "sitra.recipes.distill_summarizer",
+    "tokenize_cells": "sitra.recipes.tokenize_cells",
+    "distill_geneformer": "sitra.recipes.distill_geneformer",
+    "eval_quick": "sitra.recipes.eval_quick",
+    "plot_training": "sitra.recipes.plot_training",
 }
 
 

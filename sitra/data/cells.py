@@ -1,0 +1,391 @@
+"""Single-cell corpora for Geneformer: rank-value encoding of `.h5ad` files into the pretokenized
+corpus Geneformer users have (a `datasets` folder with `input_ids` and `length`), read back
+memory-mapped, and batched with little padding (length grouping) or in a few fixed shapes (buckets).
+
+Rank-value encoding (Theodoris et al. 2023, Geneformer's `TranscriptomeTokenizer`): a cell's counts
+are divided by its total count (x 10,000) and each gene's by its non-zero median over the pretraining
+corpus; genes are ranked by that value, highest first; genes not expressed in the cell or missing from
+the dictionaries are dropped, and the list is cut to the model's input size. Ties keep the gene order
+of the file (a stable sort), so a file always gives the same corpus.
+"""
+import pickle
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from sitra.cli import UsageError
+from sitra.data.mlm import Batches, MLMCollator, pad
+
+GENEFORMER_PAD_ID, GENEFORMER_MASK_ID = 0, 1  # Geneformer V1: <pad> = 0, <mask> = 1
+TARGET_SUM = 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# dictionaries and .h5ad files
+
+
+def load_gene_dictionaries(token_path: str, median_path: str) -> tuple[dict, dict]:
+    """(gene id -> token id, gene id -> non-zero median) from Geneformer's pickled dictionaries."""
+    out = []
+    for flag, path in (("--token_dictionary", token_path), ("--gene_median_dictionary", median_path)):
+        if not path:
+            raise UsageError(f"{flag} is required: a pickled dictionary (Geneformer's {flag[2:]}.pkl)")
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"{flag} {path}: no such file") from None
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+            raise UsageError(f"{flag} {path}: not a readable pickle ({type(e).__name__})") from None
+        if not isinstance(d, dict) or not d:
+            raise UsageError(f"{flag} {path}: holds a {type(d).__name__}, not a non-empty dict of gene id -> value")
+        out.append(d)
+    tokens, medians = out
+    bad = next((g for g, m in medians.items() if not (isinstance(m, (int, float, np.number)) and m > 0)), None)
+    if bad is not None:
+        raise UsageError(f"--gene_median_dictionary {median_path}: median of {bad} is {medians[bad]!r}; medians must be positive numbers")
+    return tokens, medians
+
+
+def _strings(node) -> np.ndarray:
+    """A column of an anndata dataframe as strings (plain string array or categorical)."""
+    if isinstance(node, h5py.Group):  # categorical: categories + codes
+        categories = _strings(node["categories"])
+        codes = node["codes"][:]
+        return np.where(codes >= 0, categories[np.clip(codes, 0, None)], "")
+    if h5py.check_string_dtype(node.dtype) is not None:
+        return np.asarray(node.asstr()[:], dtype=object).astype(str)
+    return node[:].astype(str)
+
+
+class H5ad:
+    """An AnnData `.h5ad` file read with h5py: the expression matrix in row chunks and the gene ids.
+
+    The matrix is `matrix` (X, or e.g. layers/counts, raw/X), dense or CSR; CSC is read whole and
+    turned into CSR (row chunks of CSC would read the whole file each time). Gene ids are the var
+    column `gene_id_column`; by default `ensembl_id` when var has it (Geneformer's convention), else
+    the var index (the column named by the var group's `_index` attribute).
+    """
+
+    def __init__(self, path: str, matrix: str = "X", gene_id_column: str | None = None):
+        if not Path(path).is_file():
+            raise UsageError(f"--h5ad {path}: no such file")
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError:
+            raise UsageError(f"--h5ad {path}: not an HDF5 (.h5ad) file") from None
+        try:
+            self._open(path, matrix, gene_id_column)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _open(self, path, matrix, gene_id_column):
+        f = self.file
+        if matrix not in f:
+            have = [k for k in ("X", "raw/X") if k in f] + [f"layers/{k}" for k in f.get("layers", {})]
+            raise UsageError(f"--matrix {matrix}: not in {path} (it has: {', '.join(have) or 'no matrix'})")
+        node = f[matrix]
+        var_path = "raw/var" if matrix.startswith("raw/") else "var"
+        if var_path not in f:
+            raise UsageError(f"--h5ad {path}: no {var_path} group, so no gene ids")
+        self.gene_ids, self.gene_id_column = self._gene_ids(f[var_path], gene_id_column, path)
+        self._csr = self._dense = None
+        if isinstance(node, h5py.Dataset):
+            if node.ndim != 2:
+                raise UsageError(f"--matrix {matrix}: a {node.ndim}-D array, not a cells x genes matrix")
+            self._dense, self.shape = node, tuple(node.shape)
+        else:
+            kind = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+            if kind not in ("csr_matrix", "csc_matrix", "csr", "csc") or shape is None:
+                raise UsageError(f"--matrix {matrix}: a group of encoding {kind!r}; only dense, CSR or CSC matrices can be read")
+            self.shape = tuple(int(s) for s in shape)
+            if kind.startswith("csr"):
+                self._csr, self._indptr = node, node["indptr"][:].astype(np.int64)
+            else:
+                import scipy.sparse as sp
+
+                print(f"{matrix} is stored by column (CSC): reading it whole to turn it into rows")
+                self._whole = sp.csc_matrix((node["data"][:], node["indices"][:], node["indptr"][:]), shape=self.shape).tocsr()
+        if self.shape[1] != len(self.gene_ids):
+            raise UsageError(f"--matrix {matrix}: {self.shape[1]} genes, but {var_path} lists {len(self.gene_ids)}")
+        self.n_cells = self.shape[0]
+
+    @staticmethod
+    def _gene_ids(var, column, path):
+        if isinstance(var, h5py.Dataset):  # anndata < 0.7: one compound dataset
+            names = list(var.dtype.names or ())
+            column = column or ("ensembl_id" if "ensembl_id" in names else "index")
+            if column not in names:
+                raise UsageError(f"--gene_id_column {column}: var has no such column (it has: {', '.join(names)})")
+            return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in var[column]]), column
+        index = var.attrs.get("_index", "_index")
+        index = index.decode() if isinstance(index, bytes) else str(index)
+        names = [k for k in var.keys() if k != "__categories"]
+        column = column or ("ensembl_id" if "ensembl_id" in names else index)
+        if column not in var:
+            raise UsageError(f"--gene_id_column {column}: var of {path} has no such column (it has: {', '.join(names)})")
+        return _strings(var[column]), column
+
+    def rows(self, start: int, stop: int):
+        """Cells start..stop-1 as a float64 scipy CSR matrix with sorted indices."""
+        import scipy.sparse as sp
+
+        if self._dense is not None:
+            m = sp.csr_matrix(np.asarray(self._dense[start:stop], dtype=np.float64))
+        elif self._csr is not None:
+            lo, hi = self._indptr[start], self._indptr[stop]
+            m = sp.csr_matrix((self._csr["data"][lo:hi].astype(np.float64), self._csr["indices"][lo:hi],
+                               self._indptr[start:stop + 1] - lo), shape=(stop - start, self.shape[1]))
+        else:
+            m = self._whole[start:stop].astype(np.float64)
+        m.sort_indices()
+        return m
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def gene_map(gene_ids, token_dict: dict, median_dict: dict, flag: str = "--gene_id_column"):
+    """(matrix M [genes in file, known genes] of 0/1, tokens [known], medians [known]).
+
+    X @ M keeps the genes both dictionaries know and sums columns that name the same gene
+    (duplicate ids); Ensembl version suffixes (ENSG00000141510.17) are ignored when the plain id
+    is known. Known genes are ordered by first appearance in the file.
+    """
+    import scipy.sparse as sp
+
+    column_of, rows, cols = {}, [], []
+    for j, g in enumerate(gene_ids):
+        key = g if g in median_dict else g.split(".")[0] if g.startswith("ENS") else g
+        if key in median_dict and key in token_dict:
+            rows.append(j)
+            cols.append(column_of.setdefault(key, len(column_of)))
+    if not column_of:
+        sample = ", ".join(map(str, list(gene_ids)[:3]))
+        known = ", ".join(str(k) for k in list(median_dict)[:2])
+        raise UsageError(f"{flag}: none of the {len(gene_ids)} gene ids in the file ({sample}, ...) is in the "
+                         f"dictionaries (which hold ids like {known}); name the var column with such ids")
+    genes = list(column_of)
+    M = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(gene_ids), len(genes)))
+    tokens = np.array([int(token_dict[g]) for g in genes], dtype=np.int64)
+    medians = np.array([float(median_dict[g]) for g in genes], dtype=np.float64)
+    return M, tokens, medians
+
+
+def rank_value_encode(counts, M, tokens, medians, max_length: int, target_sum: float = TARGET_SUM) -> list[np.ndarray]:
+    """Token ids per cell, highest normalised expression first (see the module docstring).
+
+    counts: CSR [cells, genes in file] of raw counts; M, tokens, medians from `gene_map`.
+    """
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    known = (counts @ M).tocsr()
+    known.sort_indices()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    out = []
+    for r in range(known.shape[0]):
+        lo, hi = known.indptr[r], known.indptr[r + 1]
+        genes = known.indices[lo:hi]
+        values = known.data[lo:hi] * scale[r] / medians[genes]
+        keep = values > 0
+        genes, values = genes[keep], values[keep]
+        order = np.argsort(-values, kind="stable")[:max_length]
+        out.append(tokens[genes[order]])
+    return out
+
+
+def tokenize_h5ad(h5ad: H5ad, token_dict: dict, median_dict: dict, output: Path, max_length: int,
+                  chunk_size: int = 1000, target_sum: float = TARGET_SUM) -> dict:
+    """Write the rank-value encoded cells of `h5ad` as a `datasets` folder at `output` (columns
+    input_ids, length and cell_index, the row in the file). Cells with no expressed known gene are
+    left out. Returns counts for the report."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from sitra.train import progress_bar
+
+    M, tokens, medians = gene_map(h5ad.gene_ids, token_dict, median_dict, f"--gene_id_column {h5ad.gene_id_column}")
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_index", pa.int64())])
+    kept = 0
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        stream = Path(tmp) / "cells.arrow"
+        with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            bar = progress_bar(total=h5ad.n_cells, desc="tokenizing cells", unit="cell")
+            for start in range(0, h5ad.n_cells, chunk_size):
+                stop = min(start + chunk_size, h5ad.n_cells)
+                cells = rank_value_encode(h5ad.rows(start, stop), M, tokens, medians, max_length, target_sum)
+                index = [i for i, c in enumerate(cells) if len(c)]
+                lengths = np.array([len(cells[i]) for i in index], dtype=np.int32)
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                values = np.concatenate([cells[i] for i in index]).astype(np.int32) if index else np.zeros(0, np.int32)
+                writer.write_batch(pa.record_batch([
+                    pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)), pa.array(lengths),
+                    pa.array(np.asarray(index, dtype=np.int64) + start)], schema=schema))
+                kept += len(index)
+                bar.update(stop - start)
+            bar.close()
+        if not kept:
+            raise UsageError(f"--h5ad: none of the {h5ad.n_cells} cells expresses a gene the dictionaries know; nothing to write")
+        folder = Path(tmp) / "corpus"
+        Dataset.from_file(str(stream)).save_to_disk(str(folder))
+        if output.exists():
+            import shutil
+
+            shutil.rmtree(output)
+        folder.rename(output)
+    return {"cells": h5ad.n_cells, "cells_written": kept, "cells_without_known_genes": h5ad.n_cells - kept,
+            "genes_in_file": len(h5ad.gene_ids), "genes_known": len(tokens)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus: memory-mapped cells, split, batches
+
+
+def load_corpus(path: str, flag: str = "--data"):
+    """The pretokenized corpus (`save_to_disk` folder with an `input_ids` column), memory-mapped."""
+    from datasets import Dataset, load_from_disk
+
+    if not path or not Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: no such folder (a corpus saved with datasets' save_to_disk)")
+    try:
+        ds = load_from_disk(str(path))
+    except IndexError:  # datasets cannot load a dataset saved with no rows
+        raise UsageError(f"{flag} {path}: the corpus holds no cells") from None
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: not a datasets folder ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(ds, Dataset):
+        raise UsageError(f"{flag} {path}: holds splits {', '.join(ds)}; give the folder of one split")
+    if "input_ids" not in ds.column_names:
+        raise UsageError(f"{flag} {path}: no input_ids column (it has: {', '.join(ds.column_names)})")
+    if getattr(ds, "_indices", None) is not None:
+        ds = ds.flatten_indices()
+    return ds
+
+
+class CellExamples:
+    """Token ids of selected cells (`indices` into the corpus), read from the memory-mapped Arrow
+    table when asked for and cut to `max_length`; `lengths` (numpy) are known without reading them."""
+
+    def __init__(self, dataset, indices, max_length: int):
+        import pyarrow.compute as pc
+
+        self.column = dataset.data.column("input_ids")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        all_lengths = pc.list_value_length(self.column).to_numpy(zero_copy_only=False)
+        self.lengths = np.minimum(all_lengths[self.indices], max_length)
+        self.max_length = max_length
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.column[int(self.indices[i])].values.to_numpy(zero_copy_only=False)[: self.max_length].astype(np.int64)
+
+
+def split_cells(dataset, validation_fraction: float, split_seed: int, max_eval_cells: int, max_length: int,
+                flag: str = "--data"):
+    """(train, validation) CellExamples: a fixed permutation from `split_seed` puts the first
+    `validation_fraction` of the non-empty cells in validation (the first `max_eval_cells` of those
+    are evaluated; 0: all), sorted by length so evaluation batches carry little padding."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    cells = np.flatnonzero(np.nan_to_num(lengths, nan=0) > 0)
+    if len(cells) < 2:
+        raise UsageError(f"{flag}: the corpus holds {len(cells)} non-empty cells; training and validation need at least 2")
+    order = cells[np.random.default_rng(split_seed).permutation(len(cells))]
+    n_val = min(max(1, round(validation_fraction * len(cells))), len(cells) - 1)
+    val, train = order[:n_val], np.sort(order[n_val:])
+    if max_eval_cells:
+        val = val[:max_eval_cells]
+    val = val[np.argsort(lengths[val], kind="stable")]
+    return CellExamples(dataset, train, max_length), CellExamples(dataset, val, max_length)
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch], spawn_key=(stream,)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class LengthGroupedBatches(Batches):
+    """Batches of cells of similar length, in random order: each epoch the cells are shuffled, cut
+    into mega-batches of `group_size` batches, each mega-batch is sorted by length and cut into
+    batches, and the full batches are shuffled (the last, partial batch stays last). The batch
+    holding the longest cell goes first, so a batch size that does not fit fails at once.
+
+    Only `order(epoch)` differs from `Batches`: resuming, masking and sharding work as there. When
+    `world` processes share each batch, a batch is the `batch_size * world` cells they share, so
+    every process gets cells of similar length.
+    """
+
+    def __init__(self, examples, batch_size: int, collate, lengths, seed: int = 0, group_size: int = 100, **kwargs):
+        super().__init__(examples, batch_size, collate, seed=seed, **kwargs)
+        self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        self.group_size = group_size
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = _generator(self.seed, epoch, 2)
+        size = self.batch_size * getattr(self, "world", 1)
+        perm = torch.randperm(len(self.lengths), generator=g)
+        groups = [m[torch.argsort(self.lengths[m], descending=True, stable=True)] for m in perm.split(self.group_size * size)]
+        batches = list(torch.cat(groups).split(size))
+        n_full = len(batches) if len(batches[-1]) == size else len(batches) - 1
+        full = [batches[i] for i in torch.randperm(n_full, generator=g).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda b: int(self.lengths[full[b]].max()))
+            full[0], full[longest] = full[longest], full[0]
+        return torch.cat(full + batches[n_full:])
+
+
+def padding_fraction(order, lengths, batch_size: int, pad_to=None) -> float:
+    """Share of padding among all positions of an epoch's batches (`pad_to(longest)` gives the padded
+    length; default the longest cell of the batch)."""
+    lengths = np.asarray(lengths)[np.asarray(order)]
+    real = padded = 0
+    for b in range(0, len(lengths), batch_size):
+        part = lengths[b:b + batch_size]
+        T = pad_to(int(part.max())) if pad_to else int(part.max())
+        real, padded = real + int(part.sum()), padded + T * len(part)
+    return 1 - real / max(padded, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed shapes for torch.compile
+
+
+def bucket_sizes(max_length: int, buckets: list[int] | None = None, n: int = 8) -> list[int]:
+    """Sorted padded lengths: the given ones plus `max_length`, or n evenly spaced multiples of 8."""
+    if buckets:
+        return sorted(set(buckets) | {max_length})
+    step = -(-max_length // n)
+    step = -(-step // 8) * 8
+    return sorted({min(step * k, max_length) for k in range(1, n + 1)} | {max_length})
+
+
+class BucketedMLMCollator(MLMCollator):
+    """MLMCollator that pads each batch to the next of a few fixed lengths (`buckets`, the largest at
+    least the longest cell), so a compiled model sees a bounded number of shapes. Masks are the same
+    as unbucketed: they are drawn per example, not per padded batch."""
+
+    def __init__(self, *args, buckets: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.buckets = sorted(buckets)
+
+    def bucket(self, longest: int) -> int:
+        return next((b for b in self.buckets if b >= longest), self.buckets[-1])
+
+    def pad(self, examples):
+        return pad(examples, self.pad_id, pad_to_multiple_of=self.bucket(max(len(x) for x in examples)))

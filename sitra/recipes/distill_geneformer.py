@@ -1,0 +1,283 @@
+"""Distil a Geneformer teacher (a BERT MLM over rank-value encoded genes) into a narrower student:
+L = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE over the masked genes only, on
+length-grouped batches of a pretokenized cell corpus; the student is saved as a BertForMaskedLM
+folder with a model card, and compared with the teacher on fixed masked validation cells."""
+import copy
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from sitra import distributed, models, results
+from sitra.cli import UsageError, command_line
+from sitra.data.cells import (
+    GENEFORMER_MASK_ID, GENEFORMER_PAD_ID, BucketedMLMCollator, LengthGroupedBatches, bucket_sizes, load_corpus,
+    split_cells,
+)
+from sitra.data.mlm import Batches, MLMCollator
+from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
+from sitra.losses import masked_lm_distillation
+from sitra.recipes.common import load_weights
+from sitra.train import SCHEDULERS, TrainArgs, check_train_args, seed_everything, train
+
+JOB = "distill_geneformer"
+
+
+@dataclass(kw_only=True)
+class CellDataArgs:
+    """The pretokenized cell corpus, its fixed train/validation split and the masking."""
+    data: str | None = field(default=None, metadata={
+        "help": "corpus folder (datasets save_to_disk) with an input_ids column, e.g. from tokenize_cells"})
+    validation_fraction: float = field(default=0.05, metadata={"help": "share of the cells held out for validation"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation split (fixed apart from --seed)"})
+    max_eval_cells: int = field(default=1000, metadata={"help": "validation cells evaluated (0: all held-out cells)"})
+    mlm_probability: float = field(default=0.15, metadata={"help": "share of the genes of a cell chosen for masking"})
+    mask_token_id: int = field(default=GENEFORMER_MASK_ID, metadata={"help": "id of <mask> (Geneformer V1: 1)"})
+    special_token_ids: list[int] = field(default_factory=list, metadata={
+        "help": "ids never masked nor inserted (default: the pad and mask ids; V2 adds <cls> and <eos>)"})
+
+
+def check_cell_data(args: CellDataArgs, config) -> dict:
+    """The corpus and masking settings for a teacher config, checked before any compute:
+    {dataset, pad_id, mask_id, special_ids, vocab_size, max_length}."""
+    if not args.data:
+        raise UsageError("--data is required: a pretokenized corpus folder (see tokenize_cells)")
+    if not 0 < args.validation_fraction < 1:
+        raise UsageError(f"--validation_fraction {args.validation_fraction}: must be in (0, 1)")
+    if not 0 < args.mlm_probability < 1:
+        raise UsageError(f"--mlm_probability {args.mlm_probability}: must be in (0, 1)")
+    if args.max_eval_cells < 0:
+        raise UsageError(f"--max_eval_cells {args.max_eval_cells}: must be 0 (all) or more")
+    vocab = config.vocab_size
+    pad_id = GENEFORMER_PAD_ID if config.pad_token_id is None else config.pad_token_id
+    special = sorted(set(args.special_token_ids or [pad_id, args.mask_token_id]) | {pad_id, args.mask_token_id})
+    bad = [i for i in special if not 0 <= i < vocab]
+    if bad:
+        flag = "--mask_token_id" if args.mask_token_id in bad else "--special_token_ids"
+        raise UsageError(f"{flag}: id {bad[0]} is outside the teacher's vocabulary 0-{vocab - 1}")
+    dataset = load_corpus(args.data)
+    return {"dataset": dataset, "pad_id": pad_id, "mask_id": args.mask_token_id, "special_ids": special,
+            "vocab_size": vocab, "max_length": config.max_position_embeddings}
+
+
+def eval_cell_batches(cells: dict, args: CellDataArgs, batch_size: int, seed: int):
+    """(train cells, validation cells, validation batches with fixed masks)."""
+    train_cells, eval_cells = split_cells(cells["dataset"], args.validation_fraction, args.split_seed,
+                                          args.max_eval_cells, cells["max_length"])
+    collate = MLMCollator(cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability)
+    return train_cells, eval_cells, Batches(eval_cells, batch_size, collate, seed=seed, shuffle=False)
+
+
+@dataclass(kw_only=True)
+class DistillGeneformerArgs(TrainArgs, CellDataArgs):
+    teacher: str | None = field(default=None, metadata={"help": "Geneformer folder (BertForMaskedLM config.json + weights)"})
+    hidden_size: int = field(default=128, metadata={"help": "student hidden size"})
+    num_hidden_layers: int = field(default=4, metadata={"help": "student layers"})
+    num_attention_heads: int = field(default=4, metadata={"help": "student attention heads (must divide --hidden_size)"})
+    intermediate_size: int | None = field(default=None, metadata={"help": "student feed-forward width (default: 4 x hidden)"})
+    init_from_teacher: bool = field(default=False, metadata={
+        "help": "start from every k-th teacher layer and its embeddings and head (needs the teacher's hidden size)"})
+    temperature: float = field(default=2.5, metadata={"help": "softmax temperature of the KL term"})
+    alpha: float = field(default=0.65, metadata={"help": "weight of T^2 * KL; the cross-entropy gets 1 - alpha"})
+    group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (--no_group_by_length: random)"})
+    length_group_size: int = field(default=100, metadata={"help": "batches per length-sorted mega-batch"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the student, padding batches to a few bucket lengths"})
+    bucket_sizes: list[int] = field(default_factory=list, metadata={
+        "help": "padded lengths with --compile (default: 8 evenly spaced up to the teacher's max length)"})
+    batch_size: int = field(default=16, metadata={"help": "cells per micro-batch on each process (device)"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    lr_scheduler: Literal[SCHEDULERS] = field(default="cosine", metadata={"help": "learning-rate shape after warm-up"})
+
+
+def check(args: DistillGeneformerArgs):
+    """(teacher config, student config, cells) after every check on the flags, before any compute."""
+    check_train_args(args)
+    if not args.teacher:
+        raise UsageError("--teacher is required: a Geneformer (BertForMaskedLM) folder")
+    config = models.load_config(args.teacher)
+    if config.model_type != "bert" or not models.has_mlm_head(config):
+        raise UsageError(f"--teacher {args.teacher}: a {config.model_type} {config.architectures}; "
+                         "Geneformer distillation needs a BertForMaskedLM")
+    student = student_config(config, args)
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature {args.temperature}: must be positive")
+    if args.length_group_size < 1:
+        raise UsageError(f"--length_group_size {args.length_group_size}: must be at least 1")
+    if args.bucket_sizes and not args.compile:
+        raise UsageError("--bucket_sizes only applies with --compile")
+    too_long = [b for b in args.bucket_sizes if not 1 <= b <= config.max_position_embeddings]
+    if too_long:
+        raise UsageError(f"--bucket_sizes {too_long[0]}: allowed 1-{config.max_position_embeddings} (the teacher's max length)")
+    if args.init_from_teacher:
+        if args.hidden_size != config.hidden_size:
+            raise UsageError(f"--init_from_teacher needs --hidden_size {config.hidden_size} (the teacher's); "
+                             f"no teacher weight fits a {args.hidden_size}-wide student")
+        if args.num_hidden_layers > config.num_hidden_layers:
+            raise UsageError(f"--init_from_teacher: --num_hidden_layers {args.num_hidden_layers} is more than the "
+                             f"teacher's {config.num_hidden_layers}")
+    return config, student, check_cell_data(args, config)
+
+
+def student_config(teacher_config, args):
+    """The teacher's BERT config (vocabulary, special ids, max length, activation, dropout) with
+    the student's width and depth."""
+    for flag in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    h, heads = args.hidden_size, args.num_attention_heads
+    if h % heads:
+        fits = [n for n in range(1, min(h, 64) + 1) if h % n == 0]
+        raise UsageError(f"--hidden_size {h} is not a multiple of --num_attention_heads {heads} (each head is "
+                         f"hidden/heads wide): use heads from {', '.join(map(str, fits))} or a hidden size that "
+                         f"{heads} divides, e.g. {h - h % heads or heads}")
+    intermediate = args.intermediate_size or 4 * h
+    if intermediate < 1:
+        raise UsageError(f"--intermediate_size {intermediate}: must be at least 1")
+    config = copy.deepcopy(teacher_config)
+    config.hidden_size, config.num_hidden_layers, config.num_attention_heads = h, args.num_hidden_layers, heads
+    config.intermediate_size = intermediate
+    config.architectures = ["BertForMaskedLM"]
+    return config
+
+
+def init_from_teacher(student, teacher) -> tuple[list[int], int, int]:
+    """Copy every k-th teacher layer, the embeddings and the MLM head into the student wherever
+    a tensor's shape matches. Returns (teacher layers used, tensors copied, student tensors)."""
+    from sitra.models.causal import LAYER_KEY, teacher_layer_indices
+
+    keep = teacher_layer_indices(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    new_index = {old: new for new, old in enumerate(keep)}
+    own, state = student.state_dict(), {}
+    for key, value in teacher.state_dict().items():
+        m = LAYER_KEY.search(key)
+        if m is not None:
+            if int(m[2]) not in new_index:
+                continue
+            key = key[: m.start()] + f".{m[1]}.{new_index[int(m[2])]}." + key[m.end():]
+        if key in own and own[key].shape == value.shape:
+            state[key] = value
+    student.load_state_dict(state, strict=False)
+    return keep, len(state), len(own)
+
+
+def run(args: DistillGeneformerArgs):
+    from transformers import BertForMaskedLM
+
+    teacher_config, config, cells = check(args)
+    train_cells, eval_cells, eval_batches = eval_cell_batches(cells, args, args.batch_size, args.seed)
+    masking = (cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability)
+    buckets = bucket_sizes(cells["max_length"], args.bucket_sizes) if args.compile else None
+    collate = BucketedMLMCollator(*masking, buckets=buckets) if buckets else MLMCollator(*masking)
+    if args.group_by_length:
+        train_batches = LengthGroupedBatches(train_cells, args.batch_size, collate, train_cells.lengths,
+                                             seed=args.seed, group_size=args.length_group_size)
+    else:
+        train_batches = Batches(train_cells, args.batch_size, collate, seed=args.seed)
+    name = f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}"
+    run_ = results.open_run(args, name)
+    device = models.pick_device(args.device)
+    seed_everything(args.seed)
+    teacher = models.load_model(args.teacher, device, mlm=True)
+    student = BertForMaskedLM(config).to(device)
+    if args.init_from_teacher:
+        keep, copied, total = init_from_teacher(student, teacher)
+        print(f"student starts from teacher layers {keep}: {copied} of {total} tensors copied")
+    print(f"{len(train_cells):,} training cells, {len(eval_cells):,} validation cells; student "
+          f"{sum(p.numel() for p in student.parameters()):,} parameters, teacher {sum(p.numel() for p in teacher.parameters()):,}")
+    encoder = student.base_model
+    if buckets:
+        encoder = torch.compile(student.base_model, dynamic=False)
+        print(f"compiling the student; batches padded to {', '.join(map(str, buckets))}")
+    shapes = set()
+
+    def kd(s_logits, t_logits, labels):
+        everywhere = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+        return masked_lm_distillation(s_logits, t_logits, labels, everywhere, args.temperature, args.alpha)
+
+    def step_loss(batch):
+        with torch.inference_mode():
+            t_logits, labels = masked_logits(teacher, batch)
+        s_logits, _ = masked_logits(student, batch, encoder)
+        labels = labels.clone()
+        loss, kl, ce = kd(s_logits, t_logits.clone(), labels)
+        parts = {"kl": float(kl.detach()), "ce": float(ce.detach()),
+                 "mlm_accuracy": float((s_logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0}
+        if buckets:
+            shapes.add(tuple(batch["input_ids"].shape))
+            parts["distinct_shapes"] = len(shapes)
+        return loss, parts
+
+    def evaluate():
+        sums, n, metrics = {"eval_loss": 0.0, "eval_kl": 0.0, "eval_ce": 0.0}, 0, MLMMetrics()
+        for batch in eval_batches.epoch(0):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            s_logits, labels = masked_logits(student, batch)
+            t_logits, _ = masked_logits(teacher, batch)
+            for key, value in zip(sums, kd(s_logits, t_logits, labels)):
+                sums[key] += float(value) * len(labels)
+            n += len(labels)
+            metrics.update(s_logits, labels)
+        return {k: v / max(n, 1) for k, v in sums.items()} | metrics.result()
+
+    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        progress = train(student, train_batches, step_loss, args, run_, log, evaluate)
+        if not distributed.is_main():  # data-parallel: rank 0 evaluates and writes the student
+            return run_
+        student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
+        student.eval()
+        table = evaluate_mlm({"Teacher": teacher, "Student": student}, eval_batches, device)
+        final = {f"{n.lower()}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
+        if buckets:
+            final["distinct_shapes"] = len(shapes)
+            print(f"the compiled student saw {len(shapes)} distinct batch shapes")
+        output = run_.checkpoint_dir / "model"
+        save_student(student, output, model_card(args, table, config, len(train_cells), len(eval_cells)))
+        log.complete(final)
+    print(format_table(table, gap=("Student", "Teacher")))
+    print(f"student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
+    return run_
+
+
+def save_student(student, output: Path, card: str):
+    """save_pretrained (config.json + model.safetensors) and README.md into a temporary folder,
+    then rename it into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    if output.exists():
+        output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n_eval: int) -> str:
+    lines = [
+        f"# Distilled Geneformer student of {args.teacher}", "",
+        f"Made with sitra's `{JOB}` job: a BertForMaskedLM with {config.num_hidden_layers} layers, hidden size "
+        f"{config.hidden_size}, {config.num_attention_heads} heads and feed-forward {config.intermediate_size}; vocabulary "
+        f"{config.vocab_size}, up to {config.max_position_embeddings} genes per cell"
+        + (" (started from teacher layers)" if args.init_from_teacher else " (random start)") + ".", "",
+        "## Method", "",
+        f"- Loss over masked genes only: {args.alpha} x T^2 x KL(teacher_T || student_T) + {1 - args.alpha:g} x "
+        f"cross-entropy, T = {args.temperature}",
+        f"- Masking: {args.mlm_probability:.0%} of the non-special genes (80% <mask>, 10% random gene, 10% kept)",
+        f"- Optimiser: AdamW, lr {args.lr}, weight decay {args.adam_weight_decay}, warm-up {args.warmup_steps} steps, "
+        f"{args.lr_scheduler} schedule, clipping {args.max_grad_norm}, batch {args.batch_size} x "
+        f"{args.gradient_accumulation_steps}, {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
+        f"- Data: {args.data}: {n_train:,} training cells, {n_eval:,} validation cells "
+        f"(split seed {args.split_seed}), {'length-grouped' if args.group_by_length else 'random'} batches", "",
+        "## Results (validation cells, the same masks for both models)", "",
+        format_table(table, gap=("Student", "Teacher")), "",
+        "## Reproduce", "", "```bash", command_line(f"jobs/{JOB}.py", args), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+ARGS = DistillGeneformerArgs
