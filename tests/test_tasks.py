@@ -16,7 +16,7 @@ from conftest import SHARED, build_teacher, build_tokenizer
 from sitra import losses
 from sitra.cli import UsageError
 from sitra.data import tasks
-from sitra.evaluate_tasks import accuracy, generate_summaries, macro_f1, rouge
+from sitra.evaluate import accuracy, generate_summaries, macro_f1, rouge
 from sitra.recipes import distill_classifier, distill_summarizer, finetune_classifier
 from sitra.models.causal import student_from_teacher_layers
 from sitra.results import read_log

@@ -16,7 +16,7 @@ from sitra import data, losses, models, results
 from sitra.cli import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
-from sitra.evaluate_tasks import generate_summaries, rouge, rouge_config
+from sitra.evaluate import generate_summaries, rouge, rouge_config
 from sitra.models.causal import final_hidden, lm_head, student_from_teacher_layers
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import held_out_mean, load_weights

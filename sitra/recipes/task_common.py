@@ -192,7 +192,7 @@ def optimiser_line(args) -> str:
 def validation_scores(model, batches, device, select_on: str) -> dict:
     """The held-out numbers the training loop logs; `selection_error` (1 - the --select_on
     metric, lower is better) chooses the checkpoint."""
-    from sitra.evaluate_tasks import classification_metrics
+    from sitra.evaluate import classification_metrics
 
     m = classification_metrics(model, batches, device)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ce": m["ce"], "selection_error": 1 - m[select_on]}
@@ -201,7 +201,7 @@ def validation_scores(model, batches, device, select_on: str) -> dict:
 def classifier_table(models: dict, batches: dict, device) -> dict:
     """{model: {validation_accuracy, validation_macro_f1, [test_...], parameters, examples_per_s}};
     examples/s is timed on the validation split, every model on the same batches in turn."""
-    from sitra.evaluate_tasks import compare_classifiers
+    from sitra.evaluate import compare_classifiers
 
     table, speed = {n: {} for n in models}, {}
     for split in ("validation", "test"):
