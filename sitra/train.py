@@ -11,6 +11,7 @@ gradients are all-reduced once per optimizer step (not on the accumulation micro
 rank 0 evaluates, logs and writes checkpoints (which hold every process's random state).
 """
 import hashlib
+import json
 import math
 import os
 import random
@@ -31,7 +32,7 @@ from transformers import get_scheduler
 from sitra import distributed
 from sitra.cli import UsageError
 from sitra.models.teacher import pick_device
-from sitra.results import atomic_write
+from sitra.results import NOT_PART_OF_RUN, atomic_write
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 
@@ -202,10 +203,12 @@ class Trainee:
     select: str = "eval_loss"
 
 
-def random_stream(seed: int, name: str, rank: int) -> dict:
-    """The RNG state (dropout) of one trainee in one process, derived from (seed, run name, rank):
-    what a student draws does not depend on which other students share its loop."""
-    key = [int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"), rank]
+def random_stream(seed: int, config: dict, rank: int) -> dict:
+    """The RNG state (dropout) of one trainee in one process, derived from the seed, its
+    configuration (the flags that make the run, not its name or folder) and the rank: what a
+    student draws does not depend on which other students share its loop."""
+    identity = json.dumps({k: v for k, v in config.items() if k not in NOT_PART_OF_RUN}, sort_keys=True, default=str)
+    key = [int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little"), rank]
     state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(int(state[0]) << 32 | int(state[1]))
@@ -235,7 +238,7 @@ class _State:
         self.latest, self.best_path = t.run.checkpoint_dir / "latest.pt", t.run.checkpoint_dir / "best.safetensors"
         self.next = t.run.checkpoint_dir / "latest.next.pt"
         self.progress = Progress()
-        self.rng = random_stream(args.seed, t.run.name, distributed.rank())
+        self.rng = random_stream(args.seed, t.run.config, distributed.rank())
 
 
 def _settle_checkpoints(states):
