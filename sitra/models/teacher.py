@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from sitra.cli import UsageError
+from sitra.models import lowbit
 
 
 def minilm_path() -> str:
@@ -52,12 +53,16 @@ def has_mlm_head(config) -> bool:
 
 def load_model(name: str, device="cpu", mlm: bool | None = None, flag: str = "--teacher", auto=None):
     """A frozen eval-mode model: with its MLM head where the checkpoint has one, else the encoder
-    (or the given Auto class, e.g. AutoModelForCausalLM)."""
+    (or the given Auto class, e.g. AutoModelForCausalLM). Ternary students come back ternary:
+    trained ones (config marker) with TernaryLinear layers, exported ones unpacked from their file."""
     config = load_config(name, flag)
     mlm = has_mlm_head(config) if mlm is None else mlm
     auto = auto or (AutoModelForMaskedLM if mlm else AutoModel)
     try:
-        model = auto.from_pretrained(_local_or_hub(name, flag), config=config)
+        if lowbit.is_packed(config):
+            model = lowbit.load_packed(_local_or_hub(name, flag), config, auto)
+        else:
+            model = lowbit.apply_marker(auto.from_pretrained(_local_or_hub(name, flag), config=config))
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {name}: cannot load the model weights ({_first_line(e)})") from None
     model = model.to(device).eval()

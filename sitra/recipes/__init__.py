@@ -24,6 +24,7 @@ JOBS = {
     "distill_geneformer": "sitra.recipes.distill_geneformer",
     "eval_quick": "sitra.recipes.eval_quick",
     "plot_training": "sitra.recipes.plot_training",
+    "export_ternary": "sitra.recipes.export_ternary",
 }
 
 

@@ -1,6 +1,8 @@
 """Distil a causal LM into a smaller one (Pythia-160m -> Pythia-70m by default; any pair that
 shares a tokenizer): L = (1 - alpha) * T^2 * D_T(teacher || student) + alpha * CE, with D from the
-loss menu, optional hidden-state terms, packed or padded text, and a model card."""
+loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
+8-bit teacher, and a model card."""
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from sitra import data, losses, models, results
 from sitra.cli import UsageError, apply_preset, command_line
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
+from sitra.models import lowbit
 from sitra.models.capture import qkv_hooks
 from sitra.models.causal import final_hidden, lm_head, random_student, student_from_teacher_layers
 from sitra.presets import PRESETS
@@ -24,7 +27,7 @@ JOB = "distill_pythia"
 
 
 @dataclass(kw_only=True)
-class DistillLMArgs(TrainArgs, TextDataArgs):
+class DistillLMArgs(TrainArgs, TextDataArgs, lowbit.LowBitArgs):
     teacher: str = field(default="EleutherAI/pythia-160m", metadata={"help": "causal LM: hub id or local folder"})
     student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "student to warm-start from (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = field(default="pretrained", metadata={
@@ -70,8 +73,11 @@ def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int) 
 def check(args: DistillLMArgs):
     check_train_args(args)
     check_data_args(args)
+    lowbit.check_lowbit(args)
     teacher_config = models.load_config(args.teacher)
     n_student = args.student_layers or max(1, teacher_config.num_hidden_layers // 2)
+    student_config = copy.deepcopy(teacher_config)
+    student_config.num_hidden_layers = n_student
     if args.student_init == "pretrained":
         if not args.student:
             raise UsageError("--student_init pretrained needs --student")
@@ -93,6 +99,7 @@ def check(args: DistillLMArgs):
         raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
     if args.loss_chunks < 1:
         raise UsageError(f"--loss_chunks {args.loss_chunks}: must be at least 1")
+    lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
     layer_map = parse_layer_map(args.layer_map, n_student, teacher_config.num_hidden_layers)
     relation_map = parse_layer_map(args.relation_layers or f"{n_student - 1}:{teacher_config.num_hidden_layers - 1}",
                                    n_student - 1, teacher_config.num_hidden_layers - 1)
@@ -140,14 +147,19 @@ def run(args: DistillLMArgs):
     eval_batches = data.Batches(eval_ids, args.batch_size, collate, seed=args.seed, shuffle=False)
     stream = [t for block in eval_ids for t in block]
     windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
-    name = f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")
+    name = (f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")
+            + ("_ternary" if args.student_bits else "") + ("_teacher8bit" if args.teacher_bits else ""))
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    teacher = models.load_model(args.teacher, device, auto=AutoModelForCausalLM)
+    # an 8-bit teacher is loaded on the CPU in full precision: a teacher_layers student copies its
+    # weights first, then its linear layers go to `device` in 8 bits one at a time
+    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
     student = make_student(args, teacher, n_student, device)
-    module = Distillation(student, student.config.hidden_size, teacher.config.hidden_size, len(layer_map)).to(device)
+    teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
     base_metrics = evaluate_lm(student.eval(), windows, device, args.batch_size)
+    ternary = lowbit.prepare_student(student, args)
+    module = Distillation(student, student.config.hidden_size, teacher.config.hidden_size, len(layer_map)).to(device)
     divergence = losses.LOGIT_LOSSES[args.loss]
     extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
     need_hidden = args.hidden_weight > 0
@@ -199,24 +211,46 @@ def run(args: DistillLMArgs):
         return loss, parts
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        log.note(**teacher_info)
         progress = train(module, train_batches, step_loss, args, run_, log,
                          lambda: held_out_mean(step_loss, eval_batches, device))
         module.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
         output = run_.checkpoint_dir / "model"
         save_model_folder(student, tokenizer, output)
-        table = {"teacher": evaluate_lm(teacher, windows, device, args.batch_size), "student base": base_metrics,
-                 "distilled": evaluate_lm(student, windows, device, args.batch_size)}
-        for name_, m in (("teacher", teacher), ("student base", student), ("distilled", student)):
-            table[name_]["parameters"] = sum(p.numel() for p in m.parameters())
-        log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step})
-        write_model_card(output, args, table, n_student, len(train_ids))
-    print(format_table(table, gap=("distilled", "student base")))
+        table, final = results_table(args, teacher, student, base_metrics, windows, device)
+        log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
+                     | {f"lowbit/{k}": v for k, v in teacher_info.items()})
+        write_model_card(output, args, table, n_student, len(train_ids), ternary, teacher_info)
+    print(format_table(table, gap=(final, "student base")))
     print(f"distilled student: {output} (model card: {output / 'README.md'})")
     return run_
 
 
-def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: int, n_examples: int):
+def results_table(args: DistillLMArgs, teacher, student, base_metrics: dict, windows, device) -> tuple[dict, str]:
+    """Held-out numbers side by side, and the name of the column that is the job's result.
+
+    Full precision: teacher | student base | distilled. Ternary: teacher | student base |
+    full-precision student (the trained latent weights run without quantisation: what the same
+    weights give as a float model, not a separately distilled one) | ternary student (the
+    quantised forward, which is what the export holds). An 8-bit teacher is named so."""
+    table = {"teacher (8-bit)" if args.teacher_bits else "teacher": evaluate_lm(teacher, windows, device, args.batch_size),
+             "student base": base_metrics}
+    if args.student_bits:
+        with lowbit.full_precision(student):
+            table["full-precision student"] = evaluate_lm(student, windows, device, args.batch_size)
+        final = "ternary student"
+    else:
+        final = "distilled"
+    table[final] = evaluate_lm(student, windows, device, args.batch_size)
+    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    for name, metrics in table.items():
+        metrics["parameters"] = n_teacher if name.startswith("teacher") else n_student
+    return table, final
+
+
+def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: int, n_examples: int,
+                     ternary: list[str] = (), teacher_info: dict | None = None):
     """README.md in the model folder: method, loss, hyperparameters, data, metrics, command."""
     data_source = args.train_file or f"{args.dataset_name} ({args.dataset_config})"
     command = command_line(f"jobs/{JOB}.py", args)
@@ -234,12 +268,32 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: 
         f"{args.lr_scheduler} schedule, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation, "
         f"{args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
         f"- Data: {data_source}, {args.percentage_data:.0%} of it, {n_examples} training examples of up to "
-        f"{args.max_seq_length} tokens, {'packed' if args.packing else 'padded/truncated'}", "",
+        f"{args.max_seq_length} tokens, {'packed' if args.packing else 'padded/truncated'}",
+        *low_bit_lines(folder, ternary, teacher_info or {}), "",
         "## Results (held-out text, sliding-window perplexity)", "",
         format_table(table), "",
         "## Reproduce", "", "```bash", command, "```", "",
     ]
     results.atomic_write(folder / "README.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def low_bit_lines(folder: Path, ternary: list[str], teacher_info: dict) -> list[str]:
+    lines = []
+    if ternary:
+        lines.append(f"- Student: ternary (BitNet b1.58) in {len(ternary)} linear layers: weights in {{-1, 0, +1}} x one absmean "
+                     "scale per tensor, activations 8-bit per token, trained through a straight-through estimator. "
+                     "This folder holds the latent full-precision weights and `sitra_quantization` in config.json; "
+                     "sitra's loaders (eval_lm, eval_merged) rebuild the ternary layers. 'full-precision student' below "
+                     "is the same trained weights run without quantisation. Pack to 1.6 bits a weight with "
+                     f"`python jobs/export_ternary.py {folder}`.")
+    if teacher_info:
+        line = (f"- Teacher: linear layers in 8 bits (bitsandbytes LLM.int8), weights {teacher_info['teacher_weights_mib_full']:,.1f} "
+                f"-> {teacher_info['teacher_weights_mib_8bit']:,.1f} MiB")
+        if "teacher_8bit_kl" in teacher_info:
+            line += (f"; KL(full-precision teacher || 8-bit teacher) = {teacher_info['teacher_8bit_kl']:.3g} nats/token on "
+                     f"{teacher_info['teacher_8bit_tokens']:,} held-out tokens")
+        lines.append(line)
+    return lines
 
 
 ARGS = DistillLMArgs

@@ -1,5 +1,7 @@
 """Evaluate causal LMs side by side on held-out text: sliding-window perplexity, next-token
-accuracy@1 and @5, and LAMBADA-style last-word accuracy when a LAMBADA file is given."""
+accuracy@1 and @5, and LAMBADA-style last-word accuracy when a LAMBADA file is given. Ternary
+students load ternary, trained (config marker) or exported (packed file) alike, and the table
+shows each model's weight memory."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from sitra import data, models, results
 from sitra.cli import UsageError, apply_preset
 from sitra.evaluate import evaluate_lm, format_table, lambada_accuracy, sliding_windows
+from sitra.models.lowbit import MIB, weight_bytes
 from sitra.presets import PRESETS
 from sitra.recipes.common import TextDataArgs, check_data_args
 
@@ -24,6 +27,16 @@ class EvalLMArgs(TextDataArgs):
     run_name: str = field(default="eval_lm", metadata={"help": "name of the results file in eval_results/"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
+
+
+def label(path: str) -> str:
+    """A column name: the run folder for `.../RUN/model` and `.../RUN/model_ternary` (export_ternary's default)."""
+    p = Path(path)
+    if p.name == "model":
+        return p.parent.name
+    if p.name == "model_ternary":
+        return f"{p.parent.name} (packed)"
+    return p.name
 
 
 def run(args: EvalLMArgs) -> dict:
@@ -48,9 +61,10 @@ def run(args: EvalLMArgs) -> dict:
     table = {}
     for m in args.models:
         model = models.load_model(m, device, flag="--models", auto=AutoModelForCausalLM)
-        name = Path(m).parent.name if Path(m).name == "model" else Path(m).name
+        name = label(m) if label(m) not in table else m
         table[name] = evaluate_lm(model, windows, device, args.batch_size)
         table[name]["parameters"] = sum(p.numel() for p in model.parameters())
+        table[name]["weights_mib"] = weight_bytes(model) / MIB
         if passages:
             table[name]["lambada_accuracy"] = lambada_accuracy(model, tokenizer, passages, device)
     log_path = Path(args.storage_directory) / "eval_results" / f"{args.run_name}.h5"
