@@ -163,3 +163,88 @@ def masked_lm_distillation(student_logits, teacher_logits, labels, mask, tempera
 
 # ---------------------------------------------------------------------------------------------
 # Recorded (sparse) teachers: the teacher's distribution is known only at a few ids per position.
+
+
+def _rest_log_mass(log_probs, ids):
+    """log of the probability outside `ids` (per row), -inf where `ids` cover the whole vocabulary;
+    finite rows keep their gradient, covered rows get none (no nan from an all -inf logsumexp)."""
+    outside = log_probs.scatter(-1, ids, float("-inf"))
+    covered = torch.isinf(outside).all(-1, keepdim=True)
+    rest = torch.where(covered, 0.0, outside).logsumexp(-1)
+    return torch.where(covered.squeeze(-1), float("-inf"), rest)
+
+
+def topk_logit_loss(loss_fn, student_logits, teacher_ids, teacher_logp, teacher_rest, mask, temperature=1.0, **kw):
+    """loss_fn between teacher and student on k + 1 bins: the k recorded ids and "everything else".
+
+    teacher_ids [..., k] (long), teacher_logp [..., k]: log p_T(id) at temperature T; teacher_rest
+    [...]: log(1 - sum_k p_T), the mass outside the k ids (-inf when k covers the vocabulary: then
+    there is no rest bin). The student's bins are its own log-probabilities at those ids and
+    log q_rest = log sum_{v not in ids} q_S(v). For forward KL (`sparse_kl`) this is
+
+        KL_k(p || q) = sum_{i in ids} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest),
+
+    the top-k terms plus the missing-mass term. It is KL of the binned distributions, so
+    0 <= KL_k <= KL (data processing), with equality when k = V. The recorded values are renormalised
+    over the k + 1 bins (16-bit rounding leaves their sum a little off 1). Times T^2 like the dense
+    losses; loss_fn is any dense loss of the menu that compares distributions (kl_div, reverse_kl,
+    generalized_jsd), called on the bins.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    ids = teacher_ids.long()
+    s_bins = s.gather(-1, ids)
+    t_bins = teacher_logp.float()
+    if ids.shape[-1] < s.shape[-1]:  # a rest bin exists
+        s_bins = torch.cat([s_bins, _rest_log_mass(s, ids)[..., None]], -1)
+        t_bins = torch.cat([t_bins, teacher_rest.float()[..., None]], -1)
+    t_bins = t_bins - t_bins.logsumexp(-1, keepdim=True)
+    return loss_fn(s_bins, t_bins, mask, temperature=1.0, **kw) * temperature**2
+
+
+def sparse_kl(student_logits, teacher_ids, teacher_logp, teacher_rest, mask, temperature=1.0):
+    """Forward KL from top-k records with the missing-mass term; see `topk_logit_loss`."""
+    return topk_logit_loss(kl_div, student_logits, teacher_ids, teacher_logp, teacher_rest, mask, temperature)
+
+
+def sampled_kl(student_logits, teacher_ids, teacher_logp, teacher_weight, mask, temperature=1.0):
+    """Monte-Carlo forward KL from tokens drawn from the teacher, per position where mask is True,
+    averaged, times T^2:
+
+        KL_hat = sum_j w_j (log p_T(x_j) - log q_S(x_j)),  x_1..x_K ~ p_T i.i.d.,  w_j = count_j / K
+
+    (ids [..., k] are the distinct draws, weights [..., k] their share of the K draws, 0 in unused
+    slots). E[sum_j w_j f(x_j)] = sum_v p_T(v) f(v) for any f, so both the value and the gradient
+    in the student, E[grad KL_hat] = -sum_v p_T(v) grad log q_S(v) = grad KL(p_T || q_S), are unbiased.
+    Top-k records are not: they drop the tail (or lump it into one bin) in the same way every step.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    w = teacher_weight.float()
+    per_pos = (w * torch.where(w > 0, teacher_logp.float() - s, 0.0)).sum(-1)
+    return _masked_mean(per_pos, mask) * temperature**2
+
+
+def chunked_record_loss(loss_fn, student_hidden, student_head, records: tuple, mask, chunks: int = 16, targets=None, **kw):
+    """chunked_logit_loss for a recorded teacher: loss_fn(student_logits, *record_pieces, mask, **kw).
+
+    hidden [N, H]; records: tensors [N, ...] (e.g. ids, log-probs, rest mass) cut into the same
+    position pieces as the hidden states; only one piece's student logits [n, V] exist at a time
+    (recomputed in backward). The value equals loss_fn on the full logits.
+    """
+    total = mask.sum().clamp(min=1)
+    out = student_head(student_hidden[:0]).float().sum()
+    for idx in torch.arange(len(mask), device=mask.device).chunk(chunks):
+        piece = mask[idx]
+        if not piece.any():
+            continue
+        extra = {} if targets is None else {"targets": targets[idx]}
+        pieces = tuple(r[idx] for r in records)
+
+        def piece_loss(h, piece=piece, pieces=pieces, extra=extra):
+            return loss_fn(student_head(h), *pieces, piece, **extra, **kw) * piece.sum()
+
+        out = out + checkpoint(piece_loss, student_hidden[idx], use_reentrant=False)
+    return out / total
+
+
+# --loss names that records can serve: each compares distributions, so it can be taken on k + 1 bins
+RECORD_LOSSES = {"forward_kl": kl_div, "reverse_kl": reverse_kl, "jsd": generalized_jsd}

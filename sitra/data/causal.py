@@ -1,5 +1,6 @@
 """Causal-LM text: packing into constant-length blocks, and padding with labels."""
 from sitra.data.mlm import pad
+from sitra.data.text import load_texts, take_fraction
 
 
 def pack(token_lists: list[list[int]], block_size: int, eos_id: int | None) -> list[list[int]]:
@@ -37,3 +38,13 @@ def shifted(batch: dict):
     """(positions whose next token is scored [B, T-1] bool, next tokens [B, T-1])."""
     am = batch["attention_mask"].bool()
     return am[:, :-1] & am[:, 1:], batch["input_ids"][:, 1:]
+
+
+def lm_corpus(tokenizer, dataset_name: str, dataset_config: str | None, train_file: str | None, eval_file: str | None,
+              max_seq_length: int, packing: bool, percentage_data: float) -> tuple[list, list]:
+    """(training examples, held-out examples) of causal-LM distillation, as distill_pythia cuts them
+    (held-out text always packed): the recording and every student must see the same ids."""
+    train_lines, eval_lines = load_texts(dataset_name, dataset_config, train_file, eval_file)
+    train = causal_texts(take_fraction(train_lines, percentage_data), tokenizer, max_seq_length, packing)
+    held_out = causal_texts(take_fraction(eval_lines, percentage_data), tokenizer, max_seq_length, True)
+    return train, held_out

@@ -1,9 +1,10 @@
 """Causal-LM students: cut from a teacher's layers, built from a config, or pretrained."""
 import copy
+import inspect
 import re
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
 LAYER_KEY = re.compile(r"\.(layers|layer|h|blocks)\.(\d+)\.")
 
@@ -31,13 +32,6 @@ def student_from_teacher_layers(teacher, student_layers: int):
             state[key[: m.start()] + f".{m[1]}.{new_index[int(m[2])]}." + key[m.end():]] = value
     student.load_state_dict(state, strict=True)
     return student
-
-
-def random_student(teacher, student_layers: int, seed: int):
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = student_layers
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
 
 
 def lm_head(model):
@@ -96,9 +90,11 @@ def sample_continuations(model, prompts: torch.Tensor, max_new_tokens: int, temp
     first EOS). Runs in eval mode (no dropout) with the key-value cache; modes are restored."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     try:
-        out = model(input_ids=prompts, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        logits = model(input_ids=prompts, use_cache=True, **{cache_kw: cache}).logits[:, -1]
         tokens, alive = [], torch.ones(len(prompts), dtype=torch.bool, device=prompts.device)
         real = []
         for i in range(max_new_tokens):
@@ -109,8 +105,7 @@ def sample_continuations(model, prompts: torch.Tensor, max_new_tokens: int, temp
             if eos_id is not None:
                 alive &= token != eos_id
             if i + 1 < max_new_tokens:
-                out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1]
+                logits = model(input_ids=token[:, None], use_cache=True, **{cache_kw: cache}).logits[:, -1]
     finally:
         for m, mode in modes:
             m.train(mode)
@@ -119,3 +114,12 @@ def sample_continuations(model, prompts: torch.Tensor, max_new_tokens: int, temp
     scored = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
     scored[:, P - 1:] = torch.stack(real, 1)
     return ids, scored
+
+
+def random_student(config, student_layers: int, seed: int):
+    """A randomly initialised causal LM of `config` (e.g. a teacher's) with `student_layers` layers:
+    no teacher weights needed, so it also serves students of recorded teachers."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = student_layers
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)

@@ -25,6 +25,7 @@ JOBS = {
     "eval_quick": "sitra.recipes.eval_quick",
     "plot_training": "sitra.recipes.plot_training",
     "export_ternary": "sitra.recipes.export_ternary",
+    "record_teacher": "sitra.recipes.record_teacher",
 }
 
 

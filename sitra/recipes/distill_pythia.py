@@ -1,9 +1,9 @@
 """Distil a causal LM into a smaller one (Pythia-160m -> Pythia-70m by default; any pair that
 shares a tokenizer): L = (1 - alpha) * T^2 * D_T(teacher || student) + alpha * CE, with D from the
 loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
-8-bit teacher, and a model card."""
+8-bit teacher, a teacher recorded once (--teacher_logits), on-policy batches, and a model card."""
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from sitra import data, losses, models, results
+from sitra import data, losses, models, records, results
 from sitra.cli import UsageError, apply_preset, command_line
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
 from sitra.models import lowbit
 from sitra.models.capture import qkv_hooks
-from sitra.models.causal import final_hidden, lm_head, random_student, student_from_teacher_layers
+from sitra.models.causal import (final_hidden, lm_head, on_policy_prompts, random_student, sample_continuations,
+                                 shared_vocab, student_from_teacher_layers)
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights
@@ -51,6 +52,14 @@ class DistillLMArgs(TrainArgs, TextDataArgs, lowbit.LowBitArgs):
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
+    teacher_logits: str | None = field(default=None, metadata={
+        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
+    on_policy_fraction: float = field(default=0.0, metadata={
+        "help": "fraction in [0, 1] of training batches made of continuations the student samples from the batch's prompts"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens the student samples per on-policy prompt"})
+    sampling_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of on-policy sampling"})
     preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
@@ -70,27 +79,43 @@ def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int) 
     return pairs
 
 
-def check(args: DistillLMArgs):
+@dataclass
+class Setup:
+    """What check() learns from configs, tokenizers and records, before any weights are loaded."""
+    teacher_config: object
+    n_student: int
+    layer_map: list
+    relation_map: list
+    relation_heads: int
+    vocab: int  # the logit losses compare the first `vocab` rows of both models (the shared ids)
+    vocab_notice: str | None
+    records: records.TeacherRecords | None
+
+
+def check(args: DistillLMArgs) -> Setup:
     check_train_args(args)
     check_data_args(args)
     lowbit.check_lowbit(args)
-    teacher_config = models.load_config(args.teacher)
+    rec = check_records(args) if args.teacher_logits else None
+    teacher_config = rec.teacher_config() if rec else models.load_config(args.teacher)
+    teacher_vocab = (rec.tokenizer() if rec else models.load_tokenizer(args.teacher)).get_vocab()
     n_student = args.student_layers or max(1, teacher_config.num_hidden_layers // 2)
-    student_config = copy.deepcopy(teacher_config)
+    student_config, student_vocab = copy.deepcopy(teacher_config), teacher_vocab
     student_config.num_hidden_layers = n_student
     if args.student_init == "pretrained":
         if not args.student:
             raise UsageError("--student_init pretrained needs --student")
         student_config = models.load_config(args.student, "--student")
+        student_vocab = models.load_tokenizer(args.student, "--student").get_vocab()
         n_student = student_config.num_hidden_layers
-        t_vocab, s_vocab = teacher_config.vocab_size, student_config.vocab_size
-        if t_vocab != s_vocab:
-            raise UsageError(f"--student {args.student}: vocabulary of {s_vocab} tokens, the teacher's has {t_vocab}; "
-                             "distillation needs the same vocabulary")
-        if models.load_tokenizer(args.student, "--student").get_vocab() != models.load_tokenizer(args.teacher).get_vocab():
-            raise UsageError(f"--student {args.student}: its tokenizer differs from --teacher {args.teacher}'s")
     elif not 1 <= n_student <= teacher_config.num_hidden_layers:
         raise UsageError(f"--student_layers {n_student}: allowed 1-{teacher_config.num_hidden_layers}")
+    teacher_name = f"the records at --teacher_logits {args.teacher_logits}" if rec else f"--teacher {args.teacher}"
+    vocab, notice = shared_vocab(teacher_vocab, student_vocab, teacher_config.vocab_size, student_config.vocab_size,
+                                 student=f"--student {args.student}", teacher=teacher_name)
+    if rec and vocab < rec.vocab:
+        raise UsageError(f"--student {args.student}: {student_config.vocab_size:,} output rows, fewer than the "
+                         f"{rec.vocab:,} ids {teacher_name} hold")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
     if not args.temperature > 0:
@@ -99,6 +124,14 @@ def check(args: DistillLMArgs):
         raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
     if args.loss_chunks < 1:
         raise UsageError(f"--loss_chunks {args.loss_chunks}: must be at least 1")
+    if not 0 <= args.on_policy_fraction <= 1:
+        raise UsageError(f"--on_policy_fraction {args.on_policy_fraction}: must be in [0, 1]")
+    if args.on_policy_fraction:
+        if not 1 <= args.max_new_tokens < args.max_seq_length:
+            raise UsageError(f"--max_new_tokens {args.max_new_tokens}: allowed 1-{args.max_seq_length - 1} "
+                             f"(--max_seq_length {args.max_seq_length})")
+        if not args.sampling_temperature > 0:
+            raise UsageError(f"--sampling_temperature {args.sampling_temperature}: must be positive")
     lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
     layer_map = parse_layer_map(args.layer_map, n_student, teacher_config.num_hidden_layers)
     relation_map = parse_layer_map(args.relation_layers or f"{n_student - 1}:{teacher_config.num_hidden_layers - 1}",
@@ -107,7 +140,37 @@ def check(args: DistillLMArgs):
     if args.attention_weight or args.value_weight:
         if heads < 1 or teacher_config.hidden_size % heads:
             raise UsageError(f"--relation_heads {heads}: must divide the teacher's hidden size {teacher_config.hidden_size}")
-    return teacher_config, n_student, layer_map, relation_map, heads
+    return Setup(teacher_config, n_student, layer_map, relation_map, heads, vocab, notice, rec)
+
+
+def check_records(args: DistillLMArgs) -> records.TeacherRecords:
+    """The records of --teacher_logits, refused where they cannot stand in for the teacher."""
+    rec = records.TeacherRecords(args.teacher_logits)
+    recorded = rec.identity["teacher"]
+    if args.teacher not in (recorded, DistillLMArgs.teacher):
+        raise UsageError(f"--teacher {args.teacher}: with --teacher_logits the teacher is the recorded one ({recorded}); "
+                         "leave --teacher out")
+    if args.loss not in losses.RECORD_LOSSES:
+        raise UsageError(f"--loss {args.loss}: compares raw logits, which records do not keep; with --teacher_logits "
+                         f"allowed: {', '.join(losses.RECORD_LOSSES)}")
+    rec.check({"--teacher_logits_sampling": (args.teacher_logits_sampling or rec.sampling, "teacher_logits_sampling"),
+               "--temperature": (args.temperature, "temperature"), "--max_seq_length": (args.max_seq_length, "max_seq_length"),
+               "--packing": (args.packing, "packing"), "--percentage_data": (args.percentage_data, "percentage_data")})
+    if rec.sampling == "random" and args.loss != "forward_kl":
+        raise UsageError(f"--loss {args.loss}: sampled records (--teacher_logits_sampling random) estimate forward_kl only")
+    for flag in ("hidden_weight", "attention_weight", "value_weight"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} {getattr(args, flag)}: needs the teacher's hidden states, which records do not keep; "
+                             "drop it or --teacher_logits")
+    if args.teacher_bits:
+        raise UsageError(f"--teacher_bits {args.teacher_bits}: with --teacher_logits the teacher is not loaded")
+    if args.on_policy_fraction:
+        raise UsageError(f"--on_policy_fraction {args.on_policy_fraction}: on-policy batches need the teacher online; "
+                         "drop --teacher_logits")
+    if args.student_init == "teacher_layers":
+        raise UsageError("--student_init teacher_layers: copies the teacher's weights, which --teacher_logits leaves out; "
+                         "use pretrained or random")
+    return rec
 
 
 class Distillation(nn.Module):
@@ -121,75 +184,162 @@ class Distillation(nn.Module):
             for _ in range(pairs))
 
 
-def make_student(args: DistillLMArgs, teacher, n_student: int, device):
+def make_student(args: DistillLMArgs, teacher, setup: Setup, device):
     if args.student_init == "pretrained":
         student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     elif args.student_init == "teacher_layers":
-        student = student_from_teacher_layers(teacher, n_student)
+        student = student_from_teacher_layers(teacher, setup.n_student)
     else:
-        student = random_student(teacher, n_student, args.seed)
+        student = random_student(setup.teacher_config, setup.n_student, args.seed)
     return student.to(device).train()
 
 
 def run(args: DistillLMArgs):
     args = apply_preset(args, PRESETS)
-    teacher_config, n_student, layer_map, relation_map, relation_heads = check(args)
-    tokenizer = models.load_tokenizer(args.teacher)
+    setup = check(args)
+    rec = setup.records
+    if rec:  # the card and the log name the recorded teacher and what the records hold
+        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+    tokenizer = rec.tokenizer() if rec else models.load_tokenizer(args.teacher)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_lines, eval_lines = data.load_texts(args.dataset_name, args.dataset_config, args.train_file, args.eval_file)
-    train_ids = data.causal_texts(data.take_fraction(train_lines, args.percentage_data), tokenizer, args.max_seq_length, args.packing)
-    eval_ids = data.causal_texts(data.take_fraction(eval_lines, args.percentage_data), tokenizer, args.max_seq_length, True)
+    train_ids, eval_ids = data.lm_corpus(tokenizer, args.dataset_name, args.dataset_config, args.train_file, args.eval_file,
+                                         args.max_seq_length, args.packing, args.percentage_data)
     if not train_ids or not eval_ids:
         raise UsageError("the training or held-out text is empty: give --train_file/--eval_file or more data")
-    collate = data.CausalCollator(tokenizer.pad_token_id)
-    train_batches = data.Batches(train_ids, args.batch_size, collate, seed=args.seed)
-    eval_batches = data.Batches(eval_ids, args.batch_size, collate, seed=args.seed, shuffle=False)
+    if rec:
+        rec.check_data("train", train_ids, "training text")
+        rec.check_data("eval", eval_ids, "held-out text")
+        collate = records.RecordCollator(tokenizer.pad_token_id, rec)
+        train_examples, eval_examples = records.indexed(train_ids), records.indexed(eval_ids, len(train_ids))
+    else:
+        collate = data.CausalCollator(tokenizer.pad_token_id)
+        train_examples, eval_examples = train_ids, eval_ids
+    if setup.vocab_notice:
+        print(setup.vocab_notice)
+    train_batches = data.Batches(train_examples, args.batch_size, collate, seed=args.seed)
+    eval_batches = data.Batches(eval_examples, args.batch_size, collate, seed=args.seed, shuffle=False)
     stream = [t for block in eval_ids for t in block]
     windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
     name = (f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")
-            + ("_ternary" if args.student_bits else "") + ("_teacher8bit" if args.teacher_bits else ""))
+            + ("_ternary" if args.student_bits else "") + ("_teacher8bit" if args.teacher_bits else "")
+            + (f"_records-{rec.sampling}{rec.k}" if rec else "") + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    # an 8-bit teacher is loaded on the CPU in full precision: a teacher_layers student copies its
-    # weights first, then its linear layers go to `device` in 8 bits one at a time
-    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
-    student = make_student(args, teacher, n_student, device)
-    teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
+    teacher, teacher_info = None, {}
+    if not rec:
+        # an 8-bit teacher is loaded on the CPU in full precision: a teacher_layers student copies its
+        # weights first, then its linear layers go to `device` in 8 bits one at a time
+        teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
+    student = make_student(args, teacher, setup, device)
+    if teacher is not None:
+        teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
     base_metrics = evaluate_lm(student.eval(), windows, device, args.batch_size)
     ternary = lowbit.prepare_student(student, args)
-    module = Distillation(student, student.config.hidden_size, teacher.config.hidden_size, len(layer_map)).to(device)
-    divergence = losses.LOGIT_LOSSES[args.loss]
+    module = Distillation(student, student.config.hidden_size, setup.teacher_config.hidden_size, len(setup.layer_map)).to(device)
+    step_loss, counts = distillation_loss(args, setup, module, teacher, tokenizer)
+
+    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        log.note(**teacher_info)
+        progress = train(module, train_batches, step_loss, args, run_, log,
+                         lambda: held_out_mean(step_loss, eval_batches, device))
+        log.note(**counts)
+        if args.on_policy_fraction:
+            print(f"on-policy batches: {counts['on_policy_batches']:,} of {counts['training_batches']:,} training batches "
+                  f"in this process ({counts['teacher_forwards']:,} teacher forwards in all)")
+        module.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
+        student.eval()
+        output = run_.checkpoint_dir / "model"
+        save_model_folder(student, tokenizer, output)
+        table, final = results_table(args, teacher, student, base_metrics, windows, device)
+        log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
+                     | {f"lowbit/{k}": v for k, v in teacher_info.items()})
+        write_model_card(output, args, table, setup.n_student, len(train_ids), ternary, teacher_info, rec)
+    print(format_table(table, gap=(final, "student base")))
+    print(f"distilled student: {output} (model card: {output / 'README.md'})")
+    return run_
+
+
+def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, teacher, tokenizer):
+    """(step_loss, counts): the loss of one batch, and how many teacher forwards, on-policy and
+    training batches it has run in this process.
+
+    Online, the teacher runs once on the batch the student learns from. From records, the
+    teacher's distribution comes with the batch (losses.topk_logit_loss / sampled_kl). An
+    on-policy batch (training only, with probability --on_policy_fraction, drawn from the step's
+    random stream so a resumed run draws the same) replaces the batch by the student's sampled
+    continuations of its prompts; the teacher scores only those, and the cross-entropy term is
+    left out (the targets are the student's own samples), the divergence keeps its weight."""
+    rec, V = setup.records, setup.vocab
+    divergence = (losses.RECORD_LOSSES if rec else losses.LOGIT_LOSSES)[args.loss]
     extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
     need_hidden = args.hidden_weight > 0
+    counts = {"teacher_forwards": 0, "on_policy_batches": 0, "training_batches": 0}
 
-    def logit_loss(s_logits, t_logits, mask, targets):
-        kd = divergence(s_logits, t_logits, mask, temperature=args.temperature, **extra)
+    def student_head(h):
+        return lm_head(module.student)(h)[..., :V]
+
+    def teacher_head(h):
+        return lm_head(teacher)(h)[..., :V]
+
+    def mixed(kd, s_logits, mask, targets, with_ce):
+        if not with_ce:
+            return (1 - args.alpha) * kd
         ce = F.cross_entropy(s_logits[mask].float(), targets[mask]) if mask.any() else kd * 0
         return (1 - args.alpha) * kd + args.alpha * ce
+
+    def logit_loss(batch, s, t, flat, targets, with_ce):
+        hidden = s.last_hidden_state[:, :-1].reshape(flat.numel(), -1)
+        if rec is None:
+            def fn(s_logits, t_logits, mask, targets):
+                kd = divergence(s_logits, t_logits, mask, temperature=args.temperature, **extra)
+                return mixed(kd, s_logits, mask, targets, with_ce)
+
+            return losses.chunked_logit_loss(fn, hidden, student_head, t.last_hidden_state[:, :-1].reshape(flat.numel(), -1).clone(),
+                                             teacher_head, flat, chunks=args.loss_chunks, targets=targets)
+
+        def fn(s_logits, ids, logp, third, mask, targets):
+            if rec.sampling == "top_k":
+                kd = losses.topk_logit_loss(divergence, s_logits, ids, logp, third, mask, temperature=args.temperature, **extra)
+            else:
+                kd = losses.sampled_kl(s_logits, ids, logp, third, mask, temperature=args.temperature)
+            return mixed(kd, s_logits, mask, targets, with_ce)
+
+        recorded = tuple(batch[k].reshape(flat.numel(), *batch[k].shape[2:]) for k in records.RECORD_KEYS[rec.sampling])
+        return losses.chunked_record_loss(fn, hidden, student_head, recorded, flat, chunks=args.loss_chunks, targets=targets)
 
     relations = [(w, kind) for w, kind in ((args.attention_weight, "attention"), (args.value_weight, "value")) if w]
     t_qkv, s_qkv = {}, {}
     if relations:
-        qkv_hooks(teacher, [t for _, t in relation_map], t_qkv)
-        qkv_hooks(module.student, [s for s, _ in relation_map], s_qkv)
+        qkv_hooks(teacher, [t for _, t in setup.relation_map], t_qkv)
+        qkv_hooks(module.student, [s for s, _ in setup.relation_map], s_qkv)
 
     def step_loss(batch):
-        scored, next_tokens = data.shifted(batch)
-        with torch.inference_mode():
-            t = final_hidden(teacher, batch, need_hidden)
+        training = module.training and torch.is_grad_enabled()
+        on_policy = training and args.on_policy_fraction > 0 and float(torch.rand(())) < args.on_policy_fraction
+        if on_policy:
+            prompts = on_policy_prompts(batch, args.max_new_tokens)
+            ids, scored = sample_continuations(module.student, prompts, args.max_new_tokens, args.sampling_temperature,
+                                               tokenizer.eos_token_id, vocab=V)
+            batch, next_tokens = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids[:, 1:]
+        else:
+            scored, next_tokens = data.shifted(batch)
+        counts["training_batches"] += training
+        counts["on_policy_batches"] += on_policy
+        t = None
+        if rec is None:
+            with torch.inference_mode():
+                t = final_hidden(teacher, batch, need_hidden)
+            counts["teacher_forwards"] += 1
         s = final_hidden(module.student, batch, need_hidden)
         flat = scored.reshape(-1)
-        loss = losses.chunked_logit_loss(
-            logit_loss, s.last_hidden_state[:, :-1].reshape(flat.numel(), -1), lm_head(module.student),
-            t.last_hidden_state[:, :-1].reshape(flat.numel(), -1).clone(), lm_head(teacher), flat,
-            chunks=args.loss_chunks, targets=next_tokens.reshape(-1))
-        parts = {}
+        loss = logit_loss(batch, s, t, flat, next_tokens.reshape(-1), with_ce=not on_policy)
+        parts = {"teacher_forwards": float(rec is None)} | ({"on_policy": float(on_policy)} if args.on_policy_fraction else {})
         if need_hidden:
             token_mask = batch["attention_mask"].bool()
             terms = []
-            for proj, (si, ti) in zip(module.projections, layer_map):
+            for proj, (si, ti) in zip(module.projections, setup.layer_map):
                 hs, ht = proj(s.hidden_states[si]), t.hidden_states[ti].clone()
                 terms.append(losses.mse(hs, ht, token_mask[..., None]) if args.hidden_loss == "mse"
                              else losses.cosine_distance(hs, ht, token_mask))
@@ -199,32 +349,18 @@ def run(args: DistillLMArgs):
         for weight, kind in relations:
             token_mask = batch["attention_mask"].bool()
             terms = []
-            for si, ti in relation_map:
+            for si, ti in setup.relation_map:
                 sq, tq = s_qkv[si], {k: v.clone() for k, v in t_qkv[ti].items()}
                 if kind == "attention":
-                    terms.append(losses.relation_kl(sq["q"], tq["q"], token_mask, relation_heads, sq["k"], tq["k"]))
+                    terms.append(losses.relation_kl(sq["q"], tq["q"], token_mask, setup.relation_heads, sq["k"], tq["k"]))
                 else:
-                    terms.append(losses.relation_kl(sq["v"], tq["v"], token_mask, relation_heads))
+                    terms.append(losses.relation_kl(sq["v"], tq["v"], token_mask, setup.relation_heads))
             term = sum(terms) / len(terms)
             loss = loss + weight * term
             parts[f"{kind}_relation_kl"] = float(term.detach())
         return loss, parts
 
-    with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
-        log.note(**teacher_info)
-        progress = train(module, train_batches, step_loss, args, run_, log,
-                         lambda: held_out_mean(step_loss, eval_batches, device))
-        module.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
-        student.eval()
-        output = run_.checkpoint_dir / "model"
-        save_model_folder(student, tokenizer, output)
-        table, final = results_table(args, teacher, student, base_metrics, windows, device)
-        log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
-                     | {f"lowbit/{k}": v for k, v in teacher_info.items()})
-        write_model_card(output, args, table, n_student, len(train_ids), ternary, teacher_info)
-    print(format_table(table, gap=(final, "student base")))
-    print(f"distilled student: {output} (model card: {output / 'README.md'})")
-    return run_
+    return step_loss, counts
 
 
 def results_table(args: DistillLMArgs, teacher, student, base_metrics: dict, windows, device) -> tuple[dict, str]:
@@ -234,8 +370,10 @@ def results_table(args: DistillLMArgs, teacher, student, base_metrics: dict, win
     full-precision student (the trained latent weights run without quantisation: what the same
     weights give as a float model, not a separately distilled one) | ternary student (the
     quantised forward, which is what the export holds). An 8-bit teacher is named so."""
-    table = {"teacher (8-bit)" if args.teacher_bits else "teacher": evaluate_lm(teacher, windows, device, args.batch_size),
-             "student base": base_metrics}
+    table = {}
+    if teacher is not None:  # from records the teacher is never loaded
+        table["teacher (8-bit)" if args.teacher_bits else "teacher"] = evaluate_lm(teacher, windows, device, args.batch_size)
+    table["student base"] = base_metrics
     if args.student_bits:
         with lowbit.full_precision(student):
             table["full-precision student"] = evaluate_lm(student, windows, device, args.batch_size)
@@ -243,14 +381,13 @@ def results_table(args: DistillLMArgs, teacher, student, base_metrics: dict, win
     else:
         final = "distilled"
     table[final] = evaluate_lm(student, windows, device, args.batch_size)
-    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
     for name, metrics in table.items():
-        metrics["parameters"] = n_teacher if name.startswith("teacher") else n_student
+        metrics["parameters"] = sum(p.numel() for p in (teacher if name.startswith("teacher") else student).parameters())
     return table, final
 
 
 def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: int, n_examples: int,
-                     ternary: list[str] = (), teacher_info: dict | None = None):
+                     ternary: list[str] = (), teacher_info: dict | None = None, rec: records.TeacherRecords | None = None):
     """README.md in the model folder: method, loss, hyperparameters, data, metrics, command."""
     data_source = args.train_file or f"{args.dataset_name} ({args.dataset_config})"
     command = command_line(f"jobs/{JOB}.py", args)
@@ -269,12 +406,26 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: 
         f"{args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
         f"- Data: {data_source}, {args.percentage_data:.0%} of it, {n_examples} training examples of up to "
         f"{args.max_seq_length} tokens, {'packed' if args.packing else 'padded/truncated'}",
-        *low_bit_lines(folder, ternary, teacher_info or {}), "",
+        *teacher_lines(args, rec), *low_bit_lines(folder, ternary, teacher_info or {}), "",
         "## Results (held-out text, sliding-window perplexity)", "",
         format_table(table), "",
         "## Reproduce", "", "```bash", command, "```", "",
     ]
     results.atomic_write(folder / "README.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def teacher_lines(args: DistillLMArgs, rec: records.TeacherRecords | None) -> list[str]:
+    lines = []
+    if rec:
+        held = (f"its top-{rec.k} log-probabilities and the missing mass" if rec.sampling == "top_k"
+                else f"{rec.k} tokens drawn from it (an unbiased estimate of the forward KL)")
+        lines.append(f"- Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}` ({held} at every "
+                     "token); the teacher was never loaded while training.")
+    if args.on_policy_fraction:
+        lines.append(f"- On-policy: {args.on_policy_fraction:.0%} of the batches were the student's own continuations "
+                     f"({args.max_new_tokens} tokens sampled at temperature {args.sampling_temperature} from the batch's "
+                     "prompts), scored by the teacher without the cross-entropy term.")
+    return lines
 
 
 def low_bit_lines(folder: Path, ternary: list[str], teacher_info: dict) -> list[str]:

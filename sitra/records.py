@@ -1,0 +1,349 @@
+"""Recorded teachers: the teacher runs once over the corpus (jobs/record_teacher.py) and any number
+of students train from its records (`--teacher_logits DIR`) without loading it.
+
+A records folder holds
+  index.json              format, the identity (teacher, tokenizer, data, settings), shards, splits
+  tokenizer/              the tokenizer the corpus was cut with (a student must share it)
+  teacher_config.json     the teacher's config (a random student can be built from it)
+  shard-00000-of-00004.safetensors, ...   one per launcher task; a shard file exists only complete
+
+The examples of both splits (train, then held-out) are numbered 0..N-1 in one index space and
+shard s holds examples [s N / S, (s + 1) N / S). For every scored position (a token with a next
+token: len - 1 per example) a shard holds, with `--teacher_logits_sampling`
+  top_k:   the k most likely ids, their log-probabilities log p_T at temperature T, and the log of
+           the mass outside them, log(1 - sum_k p_T)  (the missing-mass term of losses.sparse_kl)
+  random:  the distinct ids among K draws from p_T, their log-probabilities and their counts,
+           and how many distinct ids each position has  (losses.sampled_kl: unbiased gradients)
+and per example where its positions (and, for random, its entries) start.
+
+Compact: ids are bit-packed at ceil(log2 V) bits (9 bits for a 400-id vocabulary, 16 for Pythia's
+50,277 ids, 17 for a 128k vocabulary instead of 32). Log-probabilities and the rest mass are
+float16 (`--log_prob_dtype float32` for bit-exact comparisons): float16 keeps 11 significant
+bits, so a recorded log p is off by at most |log p| / 2,048, i.e. p itself by at most that
+fraction: 0.05% at p = e^-1, where the mass is; the tail (log p = -20, p = 2e-9) is still within
+1%. bfloat16 would be 8 times coarser and an 8-bit code needs a scale per row for a few % error,
+while the ids cost 16 bits anyway. Top-64 at V = 50,277: 64 x (2 + 2) + 2 = 258 bytes a token.
+"""
+import hashlib
+import json
+import os
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sitra.cli import UsageError
+from sitra.data.mlm import pad
+
+FORMAT = "sitra-teacher-records/1"
+SAMPLINGS = ("top_k", "random")
+# the batch tensors RecordCollator adds, in the order the record losses take them
+RECORD_KEYS = {"top_k": ("teacher_ids", "teacher_logp", "teacher_rest"),
+               "random": ("teacher_ids", "teacher_logp", "teacher_weight")}
+PACK_CHUNK = 1 << 20  # ids packed at a time (a multiple of 8: every chunk ends on a byte)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(examples: list[list[int]]) -> str:
+    """sha256 of the token ids of the examples, in order, with their lengths."""
+    h = hashlib.sha256()
+    for x in examples:
+        h.update(np.int64(len(x)).tobytes())
+        h.update(np.asarray(x, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return _sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+
+
+def config_hash(config) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+    return _sha256(json.dumps(d, sort_keys=True, default=str).encode())
+
+
+def weights_fingerprint(model, samples: int = 4096) -> str:
+    """sha256 over every tensor's name, shape and `samples` values at an even stride: cheap even
+    for large teachers, and any retraining changes it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // samples)].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def identity_hash(identity: dict) -> str:
+    return _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# bit-packed ids
+
+
+def id_bits(vocab: int) -> int:
+    return max(1, (vocab - 1).bit_length())
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 stream of `ids` at `bits` bits each, least significant bit first."""
+    ids = np.asarray(ids).reshape(-1)
+    if bits in (8, 16, 32):
+        return ids.astype(f"<u{bits // 8}").view(np.uint8)
+    parts = []
+    for i in range(0, len(ids), PACK_CHUNK):
+        chunk = ids[i:i + PACK_CHUNK].astype(np.uint64)
+        b = ((chunk[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+        parts.append(np.packbits(b.reshape(-1), bitorder="little"))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def unpack_ids(stream, start: int, count: int, bits: int) -> np.ndarray:
+    """ids start..start+count-1 of a packed uint8 stream."""
+    if bits in (8, 16, 32):
+        n = bits // 8
+        return np.asarray(stream[start * n:(start + count) * n]).view(f"<u{n}").astype(np.int64)
+    lo, hi = start * bits, (start + count) * bits
+    b = np.unpackbits(np.asarray(stream[lo // 8: -(-hi // 8)]), bitorder="little")[lo % 8: lo % 8 + count * bits]
+    return (b.reshape(count, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a position's record holds
+
+
+def teacher_entries(log_probs: torch.Tensor, k: int, sampling: str, generators: list | None = None, rows: list[int] | None = None):
+    """The record of each position from the teacher's log-probabilities [n, V] (at temperature T).
+
+    top_k: (ids [n, k], log p [n, k], log rest [n]) with rest = logsumexp of the other ids (-inf
+    when k = V). random: (ids [m], log p [m], counts [m], entries [n]): K = k draws per position
+    from p_T with replacement, merged into distinct ids with counts; position i draws from
+    generators[g] for its `rows[i]` = g (one generator per example: the draws do not depend on the
+    batch). All on the CPU.
+    """
+    log_probs = log_probs.float()
+    if sampling == "top_k":
+        logp, ids = log_probs.topk(k, dim=-1)
+        outside = log_probs.scatter(-1, ids, float("-inf"))
+        return ids.cpu(), logp.cpu(), outside.logsumexp(-1).cpu()
+    draws = torch.empty(len(log_probs), k, dtype=torch.long)
+    probs = log_probs.exp().cpu()
+    rows = torch.as_tensor(rows)
+    for g in rows.unique().tolist():
+        sel = (rows == g).nonzero()[:, 0]
+        draws[sel] = torch.multinomial(probs[sel], k, replacement=True, generator=generators[g])
+    draws = draws.sort(-1).values
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    flat_new = new.reshape(-1)
+    starts = flat_new.nonzero()[:, 0]
+    counts = torch.diff(starts, append=torch.tensor([draws.numel()]))
+    ids = draws.reshape(-1)[starts]
+    position = starts // k
+    return ids, log_probs.cpu()[position, ids], counts, new.sum(-1)
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    return n * shard // num_shards, n * (shard + 1) // num_shards
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# shard files: safetensors, written whole and renamed into place
+
+
+SAFETENSORS_DTYPES = {"U8": "u1", "U16": "<u2", "U32": "<u4", "I64": "<i8", "F16": "<f2", "F32": "<f4"}
+
+
+def write_shard(path: Path, arrays: dict, metadata: dict):
+    from safetensors.numpy import save_file
+
+    from sitra.results import atomic_write
+
+    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+                                             metadata={k: str(v) for k, v in metadata.items()}))
+
+
+class Column:
+    """One tensor of a shard file, read on demand: column[a:b] reads rows a..b-1 with one pread.
+    Not memory-mapped on purpose: mapped pages a job has touched count as its resident memory,
+    and over an epoch that is the whole records file (SLURM's RSS accounting would see it)."""
+
+    def __init__(self, fd: int, offset: int, dtype: str, shape: list[int]):
+        self.fd, self.offset, self.dtype, self.shape = fd, offset, np.dtype(dtype), tuple(shape)
+        self.row = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi, _ = rows.indices(self.shape[0])
+        hi = max(lo, hi)
+        data = os.pread(self.fd, (hi - lo) * self.row, self.offset + lo * self.row) if hi > lo else b""
+        return np.frombuffer(data, self.dtype).reshape(hi - lo, *self.shape[1:])
+
+
+def shard_metadata(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int(np.frombuffer(f.read(8), "<u8")[0])
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def read_shard(path: Path) -> tuple[dict, dict]:
+    """({name: Column}, metadata) of a safetensors shard file, which stays open for reading."""
+    fd = os.open(path, os.O_RDONLY)
+    n = int(np.frombuffer(os.pread(fd, 8, 0), "<u8")[0])
+    header = json.loads(os.pread(fd, n, 8))
+    metadata = header.pop("__metadata__", None) or {}
+    columns = {name: Column(fd, 8 + n + h["data_offsets"][0], SAFETENSORS_DTYPES[h["dtype"]], h["shape"])
+               for name, h in header.items()}
+    return columns, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class TeacherRecords:
+    """A complete records folder, opened for lookups by example index (`--teacher_logits DIR`)."""
+
+    def __init__(self, folder, flag: str = "--teacher_logits"):
+        self.folder, self.flag = Path(folder), flag
+        where = f"{flag} {folder}"
+        try:
+            self.index = json.loads((self.folder / "index.json").read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{where}: no readable index.json (not a records folder; make one with "
+                             "jobs/record_teacher.py)") from None
+        if self.index.get("format") != FORMAT:
+            raise UsageError(f"{where}: records of format {self.index.get('format')!r}; this sitra reads {FORMAT}")
+        self.identity = self.index["identity"]
+        shards = self.index["shards"]
+        missing = [s for s, info in enumerate(shards) if not self._complete(info)]
+        if missing:
+            raise UsageError(f"{where}: shard(s) {', '.join(map(str, missing))} of {len(shards)} are missing or from other "
+                             f"records; run jobs/record_teacher.py for them (--shard, --num_shards {len(shards)})")
+        self.starts = [info["examples"][0] for info in shards]
+        self.files = [read_shard(self.folder / info["file"])[0] for info in shards]
+        for f in self.files:  # 8 bytes an example: kept in memory
+            f["example_offsets"] = f["example_offsets"][:]
+            if "example_entries" in f:
+                f["example_entries"] = f["example_entries"][:]
+        self.bits = id_bits(self.vocab)
+
+    def _complete(self, info) -> bool:
+        path = self.folder / info["file"]
+        return path.exists() and shard_metadata(path).get("identity_sha256") == self.index["identity_sha256"]
+
+    k = property(lambda self: self.identity["top_k"])
+    vocab = property(lambda self: self.identity["vocab"])
+    sampling = property(lambda self: self.identity["teacher_logits_sampling"])
+    temperature = property(lambda self: self.identity["temperature"])
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder / "tokenizer")
+
+    def teacher_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.folder / "teacher_config.json")
+
+    def split(self, name: str) -> range:
+        lo, hi = self.index["splits"][name]
+        return range(lo, hi)
+
+    def positions(self) -> int:
+        return sum(int(f["example_offsets"][-1]) for f in self.files)
+
+    def disk_bytes(self) -> int:
+        return sum((self.folder / info["file"]).stat().st_size for info in self.index["shards"])
+
+    def check(self, settings: dict):
+        """One-line error for the first flag whose value differs from the records': settings maps
+        '--flag' to (value here, identity key)."""
+        for flag, (value, key) in settings.items():
+            if self.identity[key] != value:
+                raise UsageError(f"{flag} {value}: the records at {self.flag} {self.folder} were made with "
+                                 f"{self.identity[key]}; use that, or record again")
+
+    def check_data(self, split: str, examples: list[list[int]], what: str):
+        """Refuse records of other data: the examples must be the recorded ones, id for id."""
+        lo, hi = self.index["splits"][split]
+        if hi - lo != len(examples) or self.identity[f"{split}_sha256"] != fingerprint(examples):
+            source = self.identity["data"]
+            raise UsageError(f"{self.flag} {self.folder}: recorded on other {what} ({hi - lo:,} examples of "
+                             f"{source.get(f'{split}_file') or source.get('dataset_name')}; here {len(examples):,}); "
+                             "give the same text and data flags as the recording, or record again")
+
+    def example(self, index: int) -> dict:
+        """The record of one example as numpy arrays (one row per scored position)."""
+        s = bisect_right(self.starts, index) - 1
+        f, local = self.files[s], index - self.starts[s]
+        p0, p1 = (int(v) for v in f["example_offsets"][local:local + 2])
+        if self.sampling == "top_k":
+            k = self.k
+            ids = unpack_ids(f["ids"], p0 * k, (p1 - p0) * k, self.bits).reshape(p1 - p0, k)
+            return {"teacher_ids": ids, "teacher_logp": f["logp"][p0 * k:p1 * k].reshape(p1 - p0, k),
+                    "teacher_rest": f["rest"][p0:p1]}
+        e0, e1 = (int(v) for v in f["example_entries"][local:local + 2])
+        return {"entries": f["entries"][p0:p1], "teacher_ids": unpack_ids(f["ids"], e0, e1 - e0, self.bits),
+                "teacher_logp": f["logp"][e0:e1], "counts": f["counts"][e0:e1]}
+
+    def lookup(self, indices: list[int], length: int) -> dict:
+        """Teacher tensors of a batch whose examples are `indices`, padded to `length` - 1 positions
+        ([B, length - 1, k]; the rest mass [B, length - 1]); padding holds id 0, weight 0."""
+        recs = [self.example(i) for i in indices]
+        B, L = len(indices), length - 1
+        if self.sampling == "top_k":
+            out = {"teacher_ids": torch.zeros(B, L, self.k, dtype=torch.long), "teacher_logp": torch.zeros(B, L, self.k),
+                   "teacher_rest": torch.zeros(B, L)}
+            for b, r in enumerate(recs):
+                for key, v in r.items():
+                    out[key][b, :len(v)] = torch.from_numpy(np.array(v, dtype=np.int64 if key == "teacher_ids" else np.float32))
+            return out
+        width = max([int(r["entries"].max()) if len(r["entries"]) else 1 for r in recs] + [1])
+        out = {"teacher_ids": torch.zeros(B, L, width, dtype=torch.long), "teacher_logp": torch.zeros(B, L, width),
+               "teacher_weight": torch.zeros(B, L, width)}
+        for b, r in enumerate(recs):
+            n = torch.from_numpy(r["entries"].astype(np.int64))
+            row = torch.repeat_interleave(torch.arange(len(n)), n)
+            col = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            out["teacher_ids"][b, row, col] = torch.from_numpy(r["teacher_ids"])
+            out["teacher_logp"][b, row, col] = torch.from_numpy(r["teacher_logp"].astype(np.float32))
+            out["teacher_weight"][b, row, col] = torch.from_numpy(r["counts"].astype(np.float32)) / self.k
+        return out
+
+
+class RecordCollator:
+    """CausalCollator for (example index, ids) pairs that adds the example's recorded teacher
+    values, looked up by its index (never by batch position: data-parallel processes each read
+    their own slice of a batch), and the indices themselves as `example_index`."""
+
+    def __init__(self, pad_id: int, records: TeacherRecords):
+        self.pad_id, self.records = pad_id, records
+
+    def __call__(self, examples: list[tuple[int, list[int]]], generators=None) -> dict:
+        indices = [i for i, _ in examples]
+        input_ids, attention_mask = pad([x for _, x in examples], self.pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": input_ids.masked_fill(attention_mask == 0, -100),
+                "example_index": torch.tensor(indices), **self.records.lookup(indices, input_ids.shape[1])}
+
+
+def indexed(examples: list, start: int = 0) -> list[tuple[int, list[int]]]:
+    """(global example index, ids) pairs for RecordCollator; `start` is the split's first index."""
+    return [(start + i, x) for i, x in enumerate(examples)]
+
