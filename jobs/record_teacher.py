@@ -1,6 +1,5 @@
-"""Record a causal-LM teacher's top-k logits (or sampled tokens) once, for many students. Flags: RecordArgs."""
-from sitra.cli import main
-from sitra.recipes.record_teacher import RecordArgs, run
+"""Record a distillation job's teacher once (top-k logits or sampled tokens), for many students. Flags: --job JOB, RecordFields and JOB's own."""
+from sitra.recipes.record_teacher import main
 
 if __name__ == "__main__":
-    main(RecordArgs, run)
+    main()

@@ -113,6 +113,12 @@ def task_name(values: dict) -> str:
     return "-".join(f"{k}{short(v)}" for k, v in values.items()) or "task"
 
 
+def job_args_class(module, job_argv: list[str]):
+    """The job's flags: its ARGS, or for a job whose flags depend on its others (record_teacher
+    --job JOB) what its `args_class(argv)` says."""
+    return module.args_class(job_argv) if hasattr(module, "args_class") else module.ARGS
+
+
 @dataclass
 class Task:
     values: dict
@@ -123,7 +129,8 @@ class Task:
 def expand(job: str, job_argv: list[str], axes: dict, largs: LaunchArgs, sweep: str) -> list[Task]:
     """Every grid point parsed and checked like a direct run would be; bad values fail here."""
     module = job_module(job)
-    fields = {f.name for f in dataclasses.fields(module.ARGS)}
+    args_class = job_args_class(module, job_argv)
+    fields = {f.name for f in dataclasses.fields(args_class)}
     tasks = []
     grid = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else [{}]
     names = [task_name(values) for values in grid]
@@ -136,7 +143,7 @@ def expand(job: str, job_argv: list[str], axes: dict, largs: LaunchArgs, sweep: 
         name = f"{sweep}/{short_name}"
         if "run_name" in fields:
             argv += ["--run_name", name]
-        parser = OneLineParser(module.ARGS)
+        parser = OneLineParser(args_class)
         args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
         if rest:
             raise UsageError(f"unrecognized arguments for {job}: {' '.join(rest)}")
@@ -277,7 +284,7 @@ def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
 def launch(job: str, job_argv: list[str], largs: LaunchArgs):
     """Check everything, submit the array, write the sweep manifest; returns (jobs, manifest path)."""
     module = job_module(job)
-    axes = sweep_axes(largs, module.ARGS)
+    axes = sweep_axes(largs, job_args_class(module, job_argv))
     sweep = largs.sweep_name or job
     storage = Path(largs.storage_directory)
     tasks = expand(job, job_argv, axes, largs, sweep)

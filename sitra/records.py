@@ -1,15 +1,18 @@
-"""Recorded teachers: the teacher runs once over the corpus (jobs/record_teacher.py) and any number
-of students train from its records (`--teacher_logits DIR`) without loading it.
+"""Recorded teachers: the teacher of a distillation job runs once over the job's data
+(jobs/record_teacher.py --job JOB) and any number of students of that job train from its records
+(`--teacher_logits DIR`) without loading it.
 
 A records folder holds
-  index.json              format, the identity (teacher, tokenizer, data, settings), shards, splits
-  tokenizer/              the tokenizer the corpus was cut with (a student must share it)
+  index.json              format, the identity (job, teacher, tokenizer, data, settings), shards, parts
+  tokenizer/              the teacher's tokenizer
   teacher_config.json     the teacher's config (a random student can be built from it)
   shard-00000-of-00004.safetensors, ...   one per launcher task; a shard file exists only complete
 
-The examples of both splits (train, then held-out) are numbered 0..N-1 in one index space and
-shard s holds examples [s N / S, (s + 1) N / S). For every scored position (a token with a next
-token: len - 1 per example) a shard holds, with `--teacher_logits_sampling`
+A job's data comes in parts: its splits (train, then held-out), and where the job's inputs differ
+every epoch (random masks), one part per epoch of the training split. The examples of all parts
+are numbered 0..N-1 in one index space and shard s holds examples [s N / S, (s + 1) N / S). For
+every position the job distils (the tokens with a next token; the summary; the masked tokens;
+one per example for a classifier) a shard holds, with `--teacher_logits_sampling`
   top_k:   the k most likely ids, their log-probabilities log p_T at temperature T, and the log of
            the mass outside them, log(1 - sum_k p_T)  (the missing-mass term of losses.sparse_kl)
   random:  the distinct ids among K draws from p_T, their log-probabilities and their counts,
@@ -24,24 +27,73 @@ fraction: 0.05% at p = e^-1, where the mass is; the tail (log p = -20, p = 2e-9)
 1%. bfloat16 would be 8 times coarser and an 8-bit code needs a scale per row for a few % error,
 while the ids cost 16 bits anyway. Top-64 at V = 50,277: 64 x (2 + 2) + 2 = 258 bytes a token.
 """
+import copy
+import dataclasses
 import hashlib
 import json
 import os
 from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sitra.cli import UsageError
-from sitra.data.mlm import pad
 
-FORMAT = "sitra-teacher-records/1"
+FORMAT = "sitra-teacher-records/2"
 SAMPLINGS = ("top_k", "random")
 # the batch tensors RecordCollator adds, in the order the record losses take them
 RECORD_KEYS = {"top_k": ("teacher_ids", "teacher_logp", "teacher_rest"),
                "random": ("teacher_ids", "teacher_logp", "teacher_weight")}
 PACK_CHUNK = 1 << 20  # ids packed at a time (a multiple of 8: every chunk ends on a byte)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a job tells the recording
+
+
+@dataclass
+class TeacherPass:
+    """A distillation job's teacher work, which record_teacher runs once for many students.
+
+    parts: (split, epoch, examples) in the job's order; epoch None where the job's inputs are the
+    same every epoch, else one part per epoch of training (its masks differ). collate(examples,
+    generators) makes a batch as the job does; scored(batch) -> bool [B, P] marks the positions
+    the job distils; features(teacher, batch) -> [B, P, D] and head(teacher) -> (rows [n, D] ->
+    logits [n, V]) give the teacher's logits there; vocab: the logits recorded (the first
+    `vocab`). settings: the job's flags the records depend on beyond the data itself ({'--flag':
+    value}), which a student must match; data: where the data came from, for people."""
+    parts: list[tuple[str, int | None, list]]
+    collate: Callable
+    scored: Callable
+    load_teacher: Callable
+    features: Callable
+    head: Callable
+    tokenizer: object
+    config: object
+    vocab: int
+    settings: dict
+    data: str
+
+
+def open_records(args, job: str, settings: dict) -> "TeacherRecords":
+    """The records of `args.teacher_logits` for a student of `job`, refused (one line) where they
+    cannot stand in for its teacher: another job, teacher, sampling or setting."""
+    rec = TeacherRecords(args.teacher_logits)
+    if rec.identity["job"] != job:
+        raise UsageError(f"--teacher_logits {args.teacher_logits}: recorded for {rec.identity['job']}, not {job}; "
+                         f"record with --job {job}")
+    recorded = rec.identity["teacher"]
+    default = next(f.default for f in dataclasses.fields(args) if f.name == "teacher")
+    if args.teacher not in (recorded, default):
+        raise UsageError(f"--teacher {args.teacher}: with --teacher_logits the teacher is the recorded one ({recorded}); "
+                         "leave --teacher out")
+    if getattr(args, "teacher_bits", None):
+        raise UsageError(f"--teacher_bits {args.teacher_bits}: with --teacher_logits the teacher is not loaded")
+    rec.check({"--teacher_logits_sampling": args.teacher_logits_sampling or rec.sampling} | settings)
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,12 +104,29 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fingerprint(examples: list[list[int]]) -> str:
-    """sha256 of the token ids of the examples, in order, with their lengths."""
+def fingerprint(examples) -> str:
+    """sha256 of the examples, in order: token ids (lists or arrays, with their lengths), labels,
+    and tuples or dicts of them."""
     h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                h.update(str(k).encode())
+                feed(x[k])
+        elif isinstance(x, tuple):
+            h.update(b"(%d" % len(x))
+            for v in x:
+                feed(v)
+        elif isinstance(x, (int, float, str, np.integer, np.floating)) or x is None:
+            h.update(repr(x).encode() + b";")
+        else:  # a sequence of ids: list, array or tensor
+            a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+            h.update(np.int64(a.size).tobytes())
+            h.update(a.astype(np.int64).tobytes())
+
     for x in examples:
-        h.update(np.int64(len(x)).tobytes())
-        h.update(np.asarray(x, dtype=np.int64).tobytes())
+        feed(x)
     return h.hexdigest()
 
 
@@ -149,6 +218,12 @@ def teacher_entries(log_probs: torch.Tensor, k: int, sampling: str, generators: 
     ids = draws.reshape(-1)[starts]
     position = starts // k
     return ids, log_probs.cpu()[position, ids], counts, new.sum(-1)
+
+
+def draw_generator(seed: int, index: int) -> torch.Generator:
+    """The stream of one example's draws (random sampling): apart from its mask stream."""
+    state = np.random.SeedSequence([seed, index], spawn_key=(2,)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -249,7 +324,6 @@ class TeacherRecords:
     k = property(lambda self: self.identity["top_k"])
     vocab = property(lambda self: self.identity["vocab"])
     sampling = property(lambda self: self.identity["teacher_logits_sampling"])
-    temperature = property(lambda self: self.identity["temperature"])
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -261,8 +335,18 @@ class TeacherRecords:
 
         return AutoConfig.from_pretrained(self.folder / "teacher_config.json")
 
+    def parts(self, split: str) -> list[dict]:
+        return [p for p in self.index["parts"] if p["split"] == split]
+
+    def offsets(self, split: str) -> int | dict[int, int]:
+        """Where the records of `split` start: one index, or one per epoch (RecordCollator)."""
+        parts = self.parts(split)
+        if len(parts) == 1 and parts[0]["epoch"] is None:
+            return parts[0]["range"][0]
+        return {p["epoch"]: p["range"][0] for p in parts}
+
     def split(self, name: str) -> range:
-        lo, hi = self.index["splits"][name]
+        lo, hi = self.parts(name)[0]["range"]
         return range(lo, hi)
 
     def positions(self) -> int:
@@ -271,22 +355,24 @@ class TeacherRecords:
     def disk_bytes(self) -> int:
         return sum((self.folder / info["file"]).stat().st_size for info in self.index["shards"])
 
-    def check(self, settings: dict):
-        """One-line error for the first flag whose value differs from the records': settings maps
-        '--flag' to (value here, identity key)."""
-        for flag, (value, key) in settings.items():
-            if self.identity[key] != value:
+    def check(self, values: dict):
+        """One-line error for the first flag whose value differs from the one the records were
+        made with: values maps '--flag' to its value here."""
+        for flag, value in values.items():
+            recorded = self.identity["settings"][flag]
+            if recorded != value:
                 raise UsageError(f"{flag} {value}: the records at {self.flag} {self.folder} were made with "
-                                 f"{self.identity[key]}; use that, or record again")
+                                 f"{recorded}; use that, or record again")
 
-    def check_data(self, split: str, examples: list[list[int]], what: str):
+    def check_data(self, split: str, examples, what: str):
         """Refuse records of other data: the examples must be the recorded ones, id for id."""
-        lo, hi = self.index["splits"][split]
-        if hi - lo != len(examples) or self.identity[f"{split}_sha256"] != fingerprint(examples):
-            source = self.identity["data"]
-            raise UsageError(f"{self.flag} {self.folder}: recorded on other {what} ({hi - lo:,} examples of "
-                             f"{source.get(f'{split}_file') or source.get('dataset_name')}; here {len(examples):,}); "
-                             "give the same text and data flags as the recording, or record again")
+        here = fingerprint(examples)
+        for part in self.parts(split):
+            lo, hi = part["range"]
+            if hi - lo != len(examples) or part["sha256"] != here:
+                raise UsageError(f"{self.flag} {self.folder}: recorded on other {what} ({hi - lo:,} examples of "
+                                 f"{self.identity['data']}; here {len(examples):,}); give the same data flags as the "
+                                 "recording, or record again")
 
     def example(self, index: int) -> dict:
         """The record of one example as numpy arrays (one row per scored position)."""
@@ -302,24 +388,31 @@ class TeacherRecords:
         return {"entries": f["entries"][p0:p1], "teacher_ids": unpack_ids(f["ids"], e0, e1 - e0, self.bits),
                 "teacher_logp": f["logp"][e0:e1], "counts": f["counts"][e0:e1]}
 
-    def lookup(self, indices: list[int], length: int) -> dict:
-        """Teacher tensors of a batch whose examples are `indices`, padded to `length` - 1 positions
-        ([B, length - 1, k]; the rest mass [B, length - 1]); padding holds id 0, weight 0."""
+    def lookup(self, indices: list[int], scored: torch.Tensor) -> dict:
+        """Teacher tensors of a batch whose examples are `indices`, at the positions `scored`
+        [B, P] marks (the ones the job distils): [B, P, k] each (the rest mass [B, P]); other
+        positions hold id 0, weight 0. An example must have as many records as scored positions."""
         recs = [self.example(i) for i in indices]
-        B, L = len(indices), length - 1
+        B, P = scored.shape
+        for i, r, n in zip(indices, recs, scored.sum(1).tolist()):
+            got = len(r["teacher_rest"] if self.sampling == "top_k" else r["entries"])
+            if got != n:
+                raise UsageError(f"{self.flag} {self.folder}: example {i} has {got} recorded positions, the job scores {n} "
+                                 "there; the records belong to other data or settings")
         if self.sampling == "top_k":
-            out = {"teacher_ids": torch.zeros(B, L, self.k, dtype=torch.long), "teacher_logp": torch.zeros(B, L, self.k),
-                   "teacher_rest": torch.zeros(B, L)}
+            out = {"teacher_ids": torch.zeros(B, P, self.k, dtype=torch.long), "teacher_logp": torch.zeros(B, P, self.k),
+                   "teacher_rest": torch.zeros(B, P)}
             for b, r in enumerate(recs):
+                where = scored[b].nonzero()[:, 0]
                 for key, v in r.items():
-                    out[key][b, :len(v)] = torch.from_numpy(np.array(v, dtype=np.int64 if key == "teacher_ids" else np.float32))
+                    out[key][b, where] = torch.from_numpy(np.array(v, dtype=np.int64 if key == "teacher_ids" else np.float32))
             return out
         width = max([int(r["entries"].max()) if len(r["entries"]) else 1 for r in recs] + [1])
-        out = {"teacher_ids": torch.zeros(B, L, width, dtype=torch.long), "teacher_logp": torch.zeros(B, L, width),
-               "teacher_weight": torch.zeros(B, L, width)}
+        out = {"teacher_ids": torch.zeros(B, P, width, dtype=torch.long), "teacher_logp": torch.zeros(B, P, width),
+               "teacher_weight": torch.zeros(B, P, width)}
         for b, r in enumerate(recs):
             n = torch.from_numpy(r["entries"].astype(np.int64))
-            row = torch.repeat_interleave(torch.arange(len(n)), n)
+            row = scored[b].nonzero()[:, 0][torch.repeat_interleave(torch.arange(len(n)), n)]
             col = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
             out["teacher_ids"][b, row, col] = torch.from_numpy(r["teacher_ids"])
             out["teacher_logp"][b, row, col] = torch.from_numpy(r["teacher_logp"].astype(np.float32))
@@ -328,22 +421,35 @@ class TeacherRecords:
 
 
 class RecordCollator:
-    """CausalCollator for (example index, ids) pairs that adds the example's recorded teacher
-    values, looked up by its index (never by batch position: data-parallel processes each read
-    their own slice of a batch), and the indices themselves as `example_index`."""
+    """A job's collator for (record index, example) pairs that adds each example's recorded
+    teacher values at the positions `scored(batch)` marks, looked up by its index (never by batch
+    position: data-parallel processes each read their own slice of a batch), and the indices
+    themselves as `example_index`. `offsets` maps an epoch to where its examples' records start
+    (one entry: the same records every epoch)."""
 
-    def __init__(self, pad_id: int, records: TeacherRecords):
-        self.pad_id, self.records = pad_id, records
+    def __init__(self, collate, records: TeacherRecords, scored, offsets: dict[int, int] | int = 0):
+        self.collate, self.records, self.scored = collate, records, scored
+        self.offsets, self.offset = offsets, offsets if isinstance(offsets, int) else offsets[0]
 
-    def __call__(self, examples: list[tuple[int, list[int]]], generators=None) -> dict:
-        indices = [i for i, _ in examples]
-        input_ids, attention_mask = pad([x for _, x in examples], self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": input_ids.masked_fill(attention_mask == 0, -100),
-                "example_index": torch.tensor(indices), **self.records.lookup(indices, input_ids.shape[1])}
+    def for_epoch(self, epoch: int) -> "RecordCollator":
+        """The collator of epoch `epoch` (Batches asks): records made per epoch (masks that differ
+        every epoch) start elsewhere for each."""
+        if isinstance(self.offsets, int):
+            return self
+        if epoch not in self.offsets:
+            raise UsageError(f"{self.records.flag} {self.records.folder}: recorded for epochs 0-{max(self.offsets)}, "
+                             f"training reached epoch {epoch}; record more (--epochs) or train less")
+        part = copy.copy(self)
+        part.offset = self.offsets[epoch]
+        return part
+
+    def __call__(self, examples: list, generators=None) -> dict:
+        indices = [self.offset + i for i, _ in examples]
+        batch = self.collate([x for _, x in examples], generators)
+        return batch | {"example_index": torch.tensor(indices), **self.records.lookup(indices, self.scored(batch))}
 
 
-def indexed(examples: list, start: int = 0) -> list[tuple[int, list[int]]]:
-    """(global example index, ids) pairs for RecordCollator; `start` is the split's first index."""
-    return [(start + i, x) for i, x in enumerate(examples)]
+def indexed(examples: list) -> list[tuple[int, object]]:
+    """(index in the split, example) pairs for RecordCollator, which adds the split's offset."""
+    return list(enumerate(examples))
 

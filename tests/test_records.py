@@ -66,6 +66,16 @@ def corpus(lms, max_seq_length=32, packing=False, train="train.txt"):
     return data.lm_corpus(tok, "wikitext", None, str(d / train), str(d / "eval.txt"), max_seq_length, packing, 1.0)
 
 
+def own_positions(rec, lms, indices, length):
+    """rec.lookup with each example's own scored positions (its first len - 1), padded to length - 1."""
+    train, held_out = corpus(lms)
+    everything = train + held_out
+    scored = torch.zeros(len(indices), length - 1, dtype=torch.bool)
+    for b, i in enumerate(indices):
+        scored[b, :len(everything[i]) - 1] = True
+    return rec.lookup(indices, scored)
+
+
 @torch.no_grad()
 def teacher_log_probs(lms, example, temperature):
     model = AutoModelForCausalLM.from_pretrained(lms["teacher"]).eval()
@@ -97,7 +107,7 @@ def test_records_hold_the_teachers_top_k_and_rest_mass(lms, tmp_path, dtype, tol
     assert list(rec.split("eval")) == list(range(len(train), len(train) + len(held_out)))
     for index, example in [(0, train[0]), (7, train[7]), (len(train) + 1, held_out[1])]:
         lp = teacher_log_probs(lms, example, 2.0)
-        got = rec.lookup([index], len(example) + 3)  # padded past the example: zeros there
+        got = own_positions(rec, lms, [index], len(example) + 3)  # padded past the example: zeros there
         ids, logp, rest = got["teacher_ids"][0], got["teacher_logp"][0], got["teacher_rest"][0]
         n = len(example) - 1
         top = lp.topk(16, -1)
@@ -123,7 +133,7 @@ def test_shards_together_equal_one_recording_and_resume(lms, tmp_path, capsys):
     one, three = records.TeacherRecords(tmp_path / "one"), records.TeacherRecords(tmp_path / "three")
     n = len(one.split("train")) + len(one.split("eval"))
     indices = [0, n // 3, n // 3 + 1, n - 1, 5]
-    a, b = one.lookup(indices, 33), three.lookup(indices, 33)
+    a, b = own_positions(one, lms, indices, 33), own_positions(three, lms, indices, 33)
     assert all(torch.equal(a[k], b[k]) for k in a)
     index = json.loads((tmp_path / "three" / "index.json").read_text())
     assert index["identity"]["teacher"] == lms["teacher"] and index["identity"]["top_k"] == 16
@@ -148,8 +158,8 @@ def test_sampled_records_are_draws_from_the_teacher(lms, tmp_path, monkeypatch):
     record(lms, tmp_path / "b", teacher_logits_sampling="random", top_k=64, log_prob_dtype="float32", batch_size=3)
     a, b = records.TeacherRecords(tmp_path / "a"), records.TeacherRecords(tmp_path / "b")
     train, _ = corpus(lms)
-    got = a.lookup(list(range(10)), 33)
-    assert all(torch.equal(got[k], b.lookup(list(range(10)), 33)[k]) for k in got), "draws depend on the batch"
+    got = own_positions(a, lms, list(range(10)), 33)
+    assert all(torch.equal(got[k], own_positions(b, lms, list(range(10)), 33)[k]) for k in got), "draws depend on the batch"
     real = got["teacher_weight"] > 0
     for i in range(10):
         n = len(train[i]) - 1
@@ -213,7 +223,7 @@ def test_record_teacher_script_prints_bytes_per_token(lms, tmp_path):
     assert "recording shard 0/1" in out.stderr  # tqdm progress
     from sitra.results import read_log
 
-    log = read_log(tmp_path / "eval_results" / "record_teacher_shard0of1.h5")
+    log = read_log(tmp_path / "eval_results" / "record_teacher_distill_pythia_shard0of1.h5")
     assert log["attrs"]["status"] == "complete" and log["final"]["bytes_per_token"] > 0
 
 
@@ -407,19 +417,19 @@ def test_sampled_continuations(lms):
 
 
 def test_record_batches_follow_their_examples_under_data_parallel_sharding(lms, tmp_path):
-    from sitra.data import Batches
+    from sitra.data import Batches, CausalCollator, shifted
 
     record(lms, tmp_path / "rec", top_k=4)
     rec = records.TeacherRecords(tmp_path / "rec")
     train, _ = corpus(lms)
-    collate = records.RecordCollator(0, rec)
+    collate = records.RecordCollator(CausalCollator(0), rec, lambda b: shifted(b)[0], rec.offsets("train"))
     whole = Batches(records.indexed(train), 6, collate, seed=3)
     for rank in (0, 1):
         for batch in whole.shard(rank, 2).epoch(1):
             for row, index in enumerate(batch["example_index"].tolist()):
                 n = len(train[index])
                 assert batch["input_ids"][row, :n].tolist() == train[index]
-                alone = rec.lookup([index], n + 1)
+                alone = own_positions(rec, lms, [index], n + 1)
                 assert torch.equal(batch["teacher_ids"][row, :n - 1], alone["teacher_ids"][0, :n - 1])
                 assert torch.equal(batch["teacher_rest"][row, :n - 1], alone["teacher_rest"][0, :n - 1])
 
@@ -427,7 +437,7 @@ def test_record_batches_follow_their_examples_under_data_parallel_sharding(lms, 
 def test_a_batch_loss_from_records_with_k_equal_v_is_the_online_loss(lms, tmp_path):
     """One batch of real examples: the chunked sparse loss on float32 records of all V ids equals
     the chunked online loss on the teacher's logits (and k < V stays below it)."""
-    from sitra.data import Batches, shifted
+    from sitra.data import Batches, CausalCollator, shifted
     from sitra.models.causal import final_hidden, lm_head
 
     V = lms["vocab"]
@@ -439,7 +449,7 @@ def test_a_batch_loss_from_records_with_k_equal_v_is_the_online_loss(lms, tmp_pa
     values = {}
     for name in ("full", "few"):
         rec = records.TeacherRecords(tmp_path / name)
-        batch = next(Batches(records.indexed(train), 8, records.RecordCollator(0, rec), seed=0).epoch(0))
+        batch = next(Batches(records.indexed(train), 8, records.RecordCollator(CausalCollator(0), rec, lambda b: shifted(b)[0]), seed=0).epoch(0))
         scored, _ = shifted(batch)
         flat = scored.reshape(-1)
         h = final_hidden(student, batch).last_hidden_state[:, :-1].reshape(flat.numel(), -1)

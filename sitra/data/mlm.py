@@ -141,7 +141,9 @@ class Batches:
 
     def epoch(self, epoch: int = 0, start: int = 0):
         order, bounds = self.order(epoch), self.bounds()
+        # a collator whose batches differ by epoch (recorded teachers of masked inputs) says so
+        collate = self.collate.for_epoch(epoch) if hasattr(self.collate, "for_epoch") else self.collate
         for b in range(start, len(self)):
             idx = order[bounds[b]:bounds[b + 1]]
             idx = idx[self._slice(len(idx))].tolist()
-            yield self.collate([self.examples[i] for i in idx], [example_generator(self.seed, epoch, i) for i in idx])
+            yield collate([self.examples[i] for i in idx], [example_generator(self.seed, epoch, i) for i in idx])

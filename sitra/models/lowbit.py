@@ -233,6 +233,11 @@ def apply_marker(model):
     return model
 
 
+def name_suffix(args: LowBitArgs) -> str:
+    """What a distillation job adds to its run name, so low-bit runs never share a folder with full-precision ones."""
+    return ("_ternary" if args.student_bits else "") + ("_teacher8bit" if args.teacher_bits else "")
+
+
 def prepare_student(student, args: LowBitArgs) -> list[str]:
     """What a distillation job does to its student after building it: nothing, or ternarize."""
     if args.student_bits is None:
@@ -391,19 +396,24 @@ def quantize_8bit(model, device, threshold: float = 6.0) -> list[str]:
 
 @torch.inference_mode()
 def _outputs(model, batch, device):
-    """Logits (or, for an encoder without a head, the last hidden state) at the real tokens."""
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    """(rows, are they logits, are they per token): the logits (the last hidden state of an encoder
+    without a head) at the real tokens, or one row a sequence where the model scores whole
+    sequences (a sequence classifier)."""
+    mask = batch["attention_mask"].to(device)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
     logits = getattr(out, "logits", None)
     x = logits if logits is not None else out.last_hidden_state
-    return x[batch["attention_mask"].to(device).bool()].float(), logits is not None
+    per_token = x.dim() == 3
+    return (x[mask.bool()] if per_token else x).float(), logits is not None, per_token
 
 
 def quantize_teacher(teacher, device, args: LowBitArgs, held_out=(), max_tokens: int = 1024) -> dict:
     """Put a frozen full-precision teacher on `device`, in 8 bits when --teacher_bits 8. Reports
     its weight memory before and after and how far its outputs move on up to `max_tokens`
-    held-out tokens: KL(full precision || 8-bit) per token for LMs (relative error of the last
-    hidden state for encoders). The full-precision reference runs where the teacher was loaded
-    (the CPU), so it never has to fit on the GPU. Returns the numbers to log."""
+    held-out tokens (examples, for a sequence classifier): KL(full precision || 8-bit) per token
+    (per example) where it has logits, the relative error of the last hidden state for encoders.
+    The full-precision reference runs where the teacher was loaded (the CPU), so it never has to
+    fit on the GPU. Returns the numbers to log."""
     device = torch.device(device)
     if not args.teacher_bits:
         teacher.to(device)
@@ -425,7 +435,7 @@ def quantize_teacher(teacher, device, args: LowBitArgs, held_out=(), max_tokens:
     if batches:
         kl = err = n = 0.0
         for batch, ref in zip(batches, references):
-            (new, is_logits), ref = _outputs(teacher, batch, device), ref.to(device)
+            (new, is_logits, per_token), ref = _outputs(teacher, batch, device), ref.to(device)
             new = new[: len(ref)]
             if is_logits:
                 p = F.log_softmax(ref, -1)
@@ -433,15 +443,38 @@ def quantize_teacher(teacher, device, args: LowBitArgs, held_out=(), max_tokens:
             else:
                 err += float((new - ref).pow(2).sum()) / max(float(ref.pow(2).sum()), EPS) * len(ref)
             n += len(ref)
+        unit = "token" if per_token else "example"
         if is_logits:
             info["teacher_8bit_kl"] = kl / n
-            text += f"; KL(full precision || 8-bit) = {kl / n:.3g} nats/token on {int(n):,} held-out tokens"
+            text += f"; KL(full precision || 8-bit) = {kl / n:.3g} nats/{unit} on {int(n):,} held-out {unit}s"
         else:
             info["teacher_8bit_hidden_rel_error"] = err / n
-            text += f"; relative squared error of its last hidden state = {err / n:.3g} on {int(n):,} held-out tokens"
-        info["teacher_8bit_tokens"] = int(n)
+            text += f"; relative squared error of its last hidden state = {err / n:.3g} on {int(n):,} held-out {unit}s"
+        info[f"teacher_8bit_{unit}s"] = int(n)
     print(text)
     return info
+
+
+def card_lines(folder, ternary: list[str], teacher_info: dict) -> list[str]:
+    """Model-card sentences on what is low-bit: the ternary student (and how to reload and pack it),
+    the 8-bit teacher (its memory and how far 8 bits moved its outputs)."""
+    lines = []
+    if ternary:
+        lines.append(f"Student: ternary (BitNet b1.58) in {len(ternary)} linear layers: weights in "
+                     "{-1, 0, +1} x one absmean scale per tensor, activations 8-bit per token, trained through a "
+                     "straight-through estimator. This folder holds the latent full-precision weights and "
+                     "`sitra_quantization` in config.json; `sitra.models.load_model` (and so the eval jobs) rebuilds the "
+                     "ternary layers, where a plain `from_pretrained` gives the latent weights. Pack to 1.6 bits "
+                     f"a weight with `python jobs/export_ternary.py {folder}`.")
+    if teacher_info:
+        line = (f"Teacher: linear layers in 8 bits (bitsandbytes LLM.int8), weights {teacher_info['teacher_weights_mib_full']:,.1f} "
+                f"-> {teacher_info['teacher_weights_mib_8bit']:,.1f} MiB")
+        unit = "token" if "teacher_8bit_tokens" in teacher_info else "example"
+        if "teacher_8bit_kl" in teacher_info:
+            line += (f"; KL(full-precision teacher || 8-bit teacher) = {teacher_info['teacher_8bit_kl']:.3g} nats/{unit} on "
+                     f"{teacher_info[f'teacher_8bit_{unit}s']:,} held-out {unit}s")
+        lines.append(line)
+    return lines
 
 
 def load_teacher(path: str, device, args: LowBitArgs, auto=None, held_out=(), flag: str = "--teacher"):

@@ -56,6 +56,8 @@ def load_model(name: str, device="cpu", mlm: bool | None = None, flag: str = "--
     (or the given Auto class, e.g. AutoModelForCausalLM). Ternary students come back ternary:
     trained ones (config marker) with TernaryLinear layers, exported ones unpacked from their file."""
     config = load_config(name, flag)
+    if auto is None and mlm is None and lowbit.quantization_marker(config):
+        auto = lowbit.model_class(config)  # the marker names the modules of the class it was trained as
     mlm = has_mlm_head(config) if mlm is None else mlm
     auto = auto or (AutoModelForMaskedLM if mlm else AutoModel)
     try:

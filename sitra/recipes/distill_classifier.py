@@ -1,7 +1,8 @@
 """Distil a sequence-classification teacher into a smaller student for the same task:
 L = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T), D from the loss menu.
 The checkpoint is chosen on the validation split; the test split is evaluated once with it. One
-table: teacher, student before KD and student after KD (accuracy, macro-F1, parameters, examples/s)."""
+table: teacher, student before KD and student after KD (accuracy, macro-F1, parameters, examples/s).
+The student can be ternary (1.58-bit) and the teacher 8-bit."""
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from sitra import losses, models, results
 from sitra.cli import UsageError
 from sitra.evaluate import format_table
+from sitra.models import lowbit
 from sitra.models.causal import student_from_teacher_layers
 from sitra.models.teacher import TOKENIZER_FILES
 from sitra.recipes.build_retrained import save_model_folder
@@ -30,7 +32,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 @dataclass(kw_only=True)
-class DistillClassifierArgs(TrainArgs, ClassifierDataArgs):
+class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
     teacher: str = field(metadata={"help": "sequence-classification model folder or hub id (see finetune_classifier)"})
     student: str | None = field(default=None, metadata={
         "help": "pretrained encoder or classifier (its head is new where it has none), or a folder with only config.json"})
@@ -60,6 +62,7 @@ def check(args: DistillClassifierArgs):
     """(teacher config, student source, student layers) after checking every flag."""
     check_train_args(args)
     check_classifier_data(args)
+    lowbit.check_lowbit(args)
     teacher_config = models.load_config(args.teacher)
     if not is_classifier(teacher_config):
         raise UsageError(f"--teacher {args.teacher}: not a sequence classifier (architectures "
@@ -70,6 +73,8 @@ def check(args: DistillClassifierArgs):
     if source == "teacher_layers":
         if not 1 <= layers <= n_layers:
             raise UsageError(f"--student_layers {layers}: allowed 1-{n_layers}")
+        student_config = copy.deepcopy(teacher_config)
+        student_config.num_hidden_layers = layers
     else:
         if not args.student:
             raise UsageError(f"--student_init {args.student_init} needs --student")
@@ -87,6 +92,7 @@ def check(args: DistillClassifierArgs):
         raise UsageError(f"--temperature {args.temperature}: must be positive")
     if not 0 <= args.jsd_beta <= 1:
         raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
+    lowbit.check_student_modules(student_config, args, AutoModelForSequenceClassification)
     return teacher_config, source, layers
 
 
@@ -132,13 +138,18 @@ def run(args: DistillClassifierArgs):
     batches = classification_batches(splits, id2label, student_tok, args.max_seq_length, args.batch_size, args.seed,
                                      None if same_tokens else teacher_tok)
     student_name = f"{source}{layers}" if source == "teacher_layers" else f"{source}_{Path(args.student).name}"
-    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}")
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args))
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    teacher = models.load_model(args.teacher, device, auto=AutoModelForSequenceClassification)
+    # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
+    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForSequenceClassification)
     student = make_student(args, source, layers, teacher, id2label, device)
-    before = copy.deepcopy(student).eval()
+    before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
     prefix = "" if same_tokens else "teacher_"
+    held_out = ({"input_ids": b[f"{prefix}input_ids"], "attention_mask": b[f"{prefix}attention_mask"]}
+                for b in batches["validation"].epoch(0))  # in the teacher's tokens
+    teacher_info = lowbit.quantize_teacher(teacher, device, args, held_out)
+    ternary = lowbit.prepare_student(student, args)
 
     def step_loss(batch):
         with torch.inference_mode():
@@ -147,6 +158,7 @@ def run(args: DistillClassifierArgs):
         return classification_kd_loss(s, t.clone(), batch["labels"], args.alpha, args.temperature, args.loss, args.jsd_beta)
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        log.note(**teacher_info)
         progress = train(student, batches["train"], step_loss, args, run_, log,
                          lambda: validation_scores(student, batches["validation"], device, args.select_on),
                          select="selection_error")
@@ -156,7 +168,7 @@ def run(args: DistillClassifierArgs):
         save_model_folder(student, student_tok, output)
         table = classifier_table({"teacher": (teacher, prefix), "student before KD": (before, ""),
                                   "student after KD": (student, "")}, batches, device)
-        log.complete(flat(table) | {"best_step": progress.best_step})
+        log.complete(flat(table) | {"best_step": progress.best_step} | {f"lowbit/{k}": v for k, v in teacher_info.items()})
     text = format_table(table, gap=("student after KD", "student before KD"))
     init = {"teacher_layers": f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th, as DistilBERT)",
             "pretrained": f"`{args.student}`", "config": f"random weights of `{args.student}`'s config"}[source]
@@ -168,7 +180,7 @@ def run(args: DistillClassifierArgs):
                 f"T = {args.temperature}; dynamic padding",
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the best validation {args.select_on} (step {progress.best_step}); the test split, where given, "
-                "is evaluated once with it"],
+                "is evaluated once with it", *lowbit.card_lines(output, ternary, teacher_info)],
                data_description(args, len(batches["train"].examples), splits),
                "Results (teacher, student before KD, student after KD; examples/s timed in the same run)", text)
     print(text)

@@ -1,7 +1,8 @@
 """Distil a Geneformer teacher (a BERT MLM over rank-value encoded genes) into a narrower student:
 L = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE over the masked genes only, on
-length-grouped batches of a pretokenized cell corpus; the student is saved as a BertForMaskedLM
-folder with a model card, and compared with the teacher on fixed masked validation cells."""
+length-grouped batches of a pretokenized cell corpus, optionally with a ternary (1.58-bit) student
+or an 8-bit teacher; the student is saved as a BertForMaskedLM folder with a model card, and
+compared with the teacher on fixed masked validation cells."""
 import copy
 import shutil
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sitra.data.cells import (
 from sitra.data.mlm import Batches, MLMCollator
 from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
 from sitra.losses import masked_lm_distillation
+from sitra.models import lowbit
 from sitra.recipes.common import load_weights
 from sitra.train import SCHEDULERS, TrainArgs, check_train_args, seed_everything, train
 
@@ -71,7 +73,7 @@ def eval_cell_batches(cells: dict, args: CellDataArgs, batch_size: int, seed: in
 
 
 @dataclass(kw_only=True)
-class DistillGeneformerArgs(TrainArgs, CellDataArgs):
+class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"help": "Geneformer folder (BertForMaskedLM config.json + weights)"})
     hidden_size: int = field(default=128, metadata={"help": "student hidden size"})
     num_hidden_layers: int = field(default=4, metadata={"help": "student layers"})
@@ -94,7 +96,10 @@ class DistillGeneformerArgs(TrainArgs, CellDataArgs):
 
 def check(args: DistillGeneformerArgs):
     """(teacher config, student config, cells) after every check on the flags, before any compute."""
+    from transformers import AutoModelForMaskedLM
+
     check_train_args(args)
+    lowbit.check_lowbit(args)
     if not args.teacher:
         raise UsageError("--teacher is required: a Geneformer (BertForMaskedLM) folder")
     config = models.load_config(args.teacher)
@@ -102,6 +107,7 @@ def check(args: DistillGeneformerArgs):
         raise UsageError(f"--teacher {args.teacher}: a {config.model_type} {config.architectures}; "
                          "Geneformer distillation needs a BertForMaskedLM")
     student = student_config(config, args)
+    lowbit.check_student_modules(student, args, AutoModelForMaskedLM)
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
     if not args.temperature > 0:
@@ -178,15 +184,18 @@ def run(args: DistillGeneformerArgs):
                                              seed=args.seed, group_size=args.length_group_size)
     else:
         train_batches = Batches(train_cells, args.batch_size, collate, seed=args.seed)
-    name = f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}"
+    name = f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    teacher = models.load_model(args.teacher, device, mlm=True)
+    # an 8-bit teacher is loaded on the CPU in full precision, so a student can copy its layers first
+    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, mlm=True)
     student = BertForMaskedLM(config).to(device)
     if args.init_from_teacher:
         keep, copied, total = init_from_teacher(student, teacher)
         print(f"student starts from teacher layers {keep}: {copied} of {total} tensors copied")
+    teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
+    ternary = lowbit.prepare_student(student, args)
     print(f"{len(train_cells):,} training cells, {len(eval_cells):,} validation cells; student "
           f"{sum(p.numel() for p in student.parameters()):,} parameters, teacher {sum(p.numel() for p in teacher.parameters()):,}")
     encoder = student.base_model
@@ -225,18 +234,21 @@ def run(args: DistillGeneformerArgs):
         return {k: v / max(n, 1) for k, v in sums.items()} | metrics.result()
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        log.note(**teacher_info)
         progress = train(student, train_batches, step_loss, args, run_, log, evaluate)
         if not distributed.is_main():  # data-parallel: rank 0 evaluates and writes the student
             return run_
         student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
         table = evaluate_mlm({"Teacher": teacher, "Student": student}, eval_batches, device)
-        final = {f"{n.lower()}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
+        final = ({f"{n.lower()}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
+                 | {f"lowbit/{k}": v for k, v in teacher_info.items()})
         if buckets:
             final["distinct_shapes"] = len(shapes)
             print(f"the compiled student saw {len(shapes)} distinct batch shapes")
         output = run_.checkpoint_dir / "model"
-        save_student(student, output, model_card(args, table, config, len(train_cells), len(eval_cells)))
+        card = model_card(args, table, config, len(train_cells), len(eval_cells), lowbit.card_lines(output, ternary, teacher_info))
+        save_student(student, output, card)
         log.complete(final)
     print(format_table(table, gap=("Student", "Teacher")))
     print(f"student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
@@ -257,7 +269,7 @@ def save_student(student, output: Path, card: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n_eval: int) -> str:
+def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n_eval: int, low_bit: list[str] = ()) -> str:
     lines = [
         f"# Distilled Geneformer student of {args.teacher}", "",
         f"Made with sitra's `{JOB}` job: a BertForMaskedLM with {config.num_hidden_layers} layers, hidden size "
@@ -272,7 +284,8 @@ def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n
         f"{args.lr_scheduler} schedule, clipping {args.max_grad_norm}, batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps}, {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
         f"- Data: {args.data}: {n_train:,} training cells, {n_eval:,} validation cells "
-        f"(split seed {args.split_seed}), {'length-grouped' if args.group_by_length else 'random'} batches", "",
+        f"(split seed {args.split_seed}), {'length-grouped' if args.group_by_length else 'random'} batches",
+        *(f"- {line}" for line in low_bit), "",
         "## Results (validation cells, the same masks for both models)", "",
         format_table(table, gap=("Student", "Teacher")), "",
         "## Reproduce", "", "```bash", command_line(f"jobs/{JOB}.py", args), "```", "",

@@ -145,25 +145,16 @@ def check(args: DistillLMArgs) -> Setup:
 
 def check_records(args: DistillLMArgs) -> records.TeacherRecords:
     """The records of --teacher_logits, refused where they cannot stand in for the teacher."""
-    rec = records.TeacherRecords(args.teacher_logits)
-    recorded = rec.identity["teacher"]
-    if args.teacher not in (recorded, DistillLMArgs.teacher):
-        raise UsageError(f"--teacher {args.teacher}: with --teacher_logits the teacher is the recorded one ({recorded}); "
-                         "leave --teacher out")
     if args.loss not in losses.RECORD_LOSSES:
         raise UsageError(f"--loss {args.loss}: compares raw logits, which records do not keep; with --teacher_logits "
                          f"allowed: {', '.join(losses.RECORD_LOSSES)}")
-    rec.check({"--teacher_logits_sampling": (args.teacher_logits_sampling or rec.sampling, "teacher_logits_sampling"),
-               "--temperature": (args.temperature, "temperature"), "--max_seq_length": (args.max_seq_length, "max_seq_length"),
-               "--packing": (args.packing, "packing"), "--percentage_data": (args.percentage_data, "percentage_data")})
+    rec = records.open_records(args, JOB, record_settings(args))
     if rec.sampling == "random" and args.loss != "forward_kl":
         raise UsageError(f"--loss {args.loss}: sampled records (--teacher_logits_sampling random) estimate forward_kl only")
     for flag in ("hidden_weight", "attention_weight", "value_weight"):
         if getattr(args, flag):
             raise UsageError(f"--{flag} {getattr(args, flag)}: needs the teacher's hidden states, which records do not keep; "
                              "drop it or --teacher_logits")
-    if args.teacher_bits:
-        raise UsageError(f"--teacher_bits {args.teacher_bits}: with --teacher_logits the teacher is not loaded")
     if args.on_policy_fraction:
         raise UsageError(f"--on_policy_fraction {args.on_policy_fraction}: on-policy batches need the teacher online; "
                          "drop --teacher_logits")
@@ -182,6 +173,34 @@ class Distillation(nn.Module):
         self.projections = nn.ModuleList(
             nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
             for _ in range(pairs))
+
+
+def record_settings(args: DistillLMArgs) -> dict:
+    """The flags the records depend on besides the data itself."""
+    return {"--temperature": args.temperature, "--max_seq_length": args.max_seq_length, "--packing": args.packing,
+            "--percentage_data": args.percentage_data}
+
+
+def load_corpus(args: DistillLMArgs, tokenizer) -> tuple[list, list]:
+    train_ids, eval_ids = data.lm_corpus(tokenizer, args.dataset_name, args.dataset_config, args.train_file, args.eval_file,
+                                         args.max_seq_length, args.packing, args.percentage_data)
+    if not train_ids or not eval_ids:
+        raise UsageError("the training or held-out text is empty: give --train_file/--eval_file or more data")
+    return train_ids, eval_ids
+
+
+def teacher_pass(args: DistillLMArgs) -> records.TeacherPass:
+    """The teacher's work of this job, for record_teacher: the next-token logits of every token."""
+    check_data_args(args)
+    config, tokenizer = models.load_config(args.teacher), models.load_tokenizer(args.teacher)
+    train_ids, eval_ids = load_corpus(args, tokenizer)
+    return records.TeacherPass(
+        parts=[("train", None, train_ids), ("eval", None, eval_ids)], collate=data.CausalCollator(0),
+        scored=lambda batch: data.shifted(batch)[0],
+        load_teacher=lambda device: models.load_model(args.teacher, device, auto=AutoModelForCausalLM),
+        features=lambda teacher, batch: final_hidden(teacher, batch).last_hidden_state[:, :-1], head=lm_head,
+        tokenizer=tokenizer, config=config, vocab=min(max(tokenizer.get_vocab().values()) + 1, config.vocab_size),
+        settings=record_settings(args), data=args.train_file or f"{args.dataset_name} ({args.dataset_config})")
 
 
 def make_student(args: DistillLMArgs, teacher, setup: Setup, device):
@@ -203,22 +222,22 @@ def run(args: DistillLMArgs):
     tokenizer = rec.tokenizer() if rec else models.load_tokenizer(args.teacher)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_ids, eval_ids = data.lm_corpus(tokenizer, args.dataset_name, args.dataset_config, args.train_file, args.eval_file,
-                                         args.max_seq_length, args.packing, args.percentage_data)
-    if not train_ids or not eval_ids:
-        raise UsageError("the training or held-out text is empty: give --train_file/--eval_file or more data")
+    train_ids, eval_ids = load_corpus(args, tokenizer)
     if rec:
         rec.check_data("train", train_ids, "training text")
         rec.check_data("eval", eval_ids, "held-out text")
-        collate = records.RecordCollator(tokenizer.pad_token_id, rec)
-        train_examples, eval_examples = records.indexed(train_ids), records.indexed(eval_ids, len(train_ids))
-    else:
         collate = data.CausalCollator(tokenizer.pad_token_id)
+        scored = lambda batch: data.shifted(batch)[0]  # noqa: E731
+        train_collate = records.RecordCollator(collate, rec, scored, rec.offsets("train"))
+        eval_collate = records.RecordCollator(collate, rec, scored, rec.offsets("eval"))
+        train_examples, eval_examples = records.indexed(train_ids), records.indexed(eval_ids)
+    else:
+        train_collate = eval_collate = data.CausalCollator(tokenizer.pad_token_id)
         train_examples, eval_examples = train_ids, eval_ids
     if setup.vocab_notice:
         print(setup.vocab_notice)
-    train_batches = data.Batches(train_examples, args.batch_size, collate, seed=args.seed)
-    eval_batches = data.Batches(eval_examples, args.batch_size, collate, seed=args.seed, shuffle=False)
+    train_batches = data.Batches(train_examples, args.batch_size, train_collate, seed=args.seed)
+    eval_batches = data.Batches(eval_examples, args.batch_size, eval_collate, seed=args.seed, shuffle=False)
     stream = [t for block in eval_ids for t in block]
     windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
     name = (f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")

@@ -2,7 +2,8 @@
 L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T) on the summary tokens (and the EOS
 after them) only: the prompt and the padding carry no labels and no KD. The checkpoint is chosen
 on the validation loss; greedy summaries of teacher, student before and student after KD are
-scored with ROUGE-1/2/L (rouge-score, stemming on)."""
+scored with ROUGE-1/2/L (rouge-score, stemming on). The student can be ternary (1.58-bit) and the
+teacher 8-bit."""
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from sitra.cli import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
 from sitra.evaluate import generate_summaries, rouge, rouge_config
+from sitra.models import lowbit
 from sitra.models.causal import final_hidden, lm_head, student_from_teacher_layers
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import held_out_mean, load_weights
@@ -44,7 +46,7 @@ class SummaryDataArgs(TaskDataArgs):
 
 
 @dataclass(kw_only=True)
-class DistillSummarizerArgs(TrainArgs, SummaryDataArgs):
+class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, lowbit.LowBitArgs):
     teacher: str = field(metadata={"help": "causal LM (fine-tuned for the task) folder or hub id"})
     student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers"] = field(default="pretrained", metadata={
@@ -66,6 +68,7 @@ def check(args: DistillSummarizerArgs):
     """(teacher config, student layers) after checking every flag."""
     check_train_args(args)
     check_task_data(args)
+    lowbit.check_lowbit(args)
     tasks.split_template(template_of(args))
     for flag in ("max_prompt_length", "max_summary_length", "max_new_tokens", "generation_batch_size", "loss_chunks"):
         if getattr(args, flag) < 1:
@@ -83,6 +86,8 @@ def check(args: DistillSummarizerArgs):
     if tokenizer.eos_token_id is None:
         raise UsageError(f"--teacher {args.teacher}: its tokenizer has no EOS token to end the summaries with")
     layers = args.student_layers or max(1, teacher_config.num_hidden_layers // 2)
+    student_config = copy.deepcopy(teacher_config)
+    student_config.num_hidden_layers = layers
     if args.student_init == "pretrained":
         if not args.student:
             raise UsageError("--student_init pretrained needs --student")
@@ -95,6 +100,7 @@ def check(args: DistillSummarizerArgs):
         layers = student_config.num_hidden_layers
     elif not 1 <= layers <= teacher_config.num_hidden_layers:
         raise UsageError(f"--student_layers {layers}: allowed 1-{teacher_config.num_hidden_layers}")
+    lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
     return teacher_config, layers
 
 
@@ -147,10 +153,11 @@ def run(args: DistillSummarizerArgs):
     train_batches = data.Batches(examples("train"), args.batch_size, collate, seed=args.seed)
     val_batches = data.Batches(examples("validation"), args.batch_size, collate, seed=args.seed, shuffle=False)
     student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
-    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}")
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args))
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    teacher = models.load_model(args.teacher, device, auto=AutoModelForCausalLM)
+    # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
+    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
     if args.student_init == "pretrained":
         student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     else:
@@ -158,7 +165,9 @@ def run(args: DistillSummarizerArgs):
     student = student.to(device).train()
     for p in student.parameters():
         p.requires_grad_(True)
-    before = copy.deepcopy(student).eval()
+    before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
+    teacher_info = lowbit.quantize_teacher(teacher, device, args, val_batches.epoch(0))
+    ternary = lowbit.prepare_student(student, args)
     divergence = losses.LOGIT_LOSSES[args.loss]
     extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
 
@@ -166,6 +175,7 @@ def run(args: DistillSummarizerArgs):
         return summary_kd_loss(student, teacher, batch, divergence, args.alpha, args.temperature, args.loss_chunks, **extra), {}
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
+        log.note(**teacher_info)
         progress = train(student, train_batches, step_loss, args, run_, log,
                          lambda: held_out_mean(step_loss, val_batches, device))
         student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
@@ -174,7 +184,8 @@ def run(args: DistillSummarizerArgs):
         save_model_folder(student, tokenizer, output)
         table, samples = rouge_table({"teacher": teacher, "student before KD": before, "student after KD": student},
                                      pairs, tokenizer, args, device)
-        log.complete(flat(table) | {"best_step": progress.best_step, "rouge_use_stemmer": 1.0})
+        log.complete(flat(table) | {"best_step": progress.best_step, "rouge_use_stemmer": 1.0}
+                     | {f"lowbit/{k}": v for k, v in teacher_info.items()})
     text = format_table(table, gap=("student after KD", "student before KD"))
     init = (f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th)"
             if args.student_init == "teacher_layers" else f"`{args.student}`")
@@ -189,7 +200,7 @@ def run(args: DistillSummarizerArgs):
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the lowest validation loss (step {progress.best_step})",
                 f"Evaluation: greedy generation, at most {args.max_new_tokens} new tokens; {rouge_config()}; "
-                + ", ".join(f"{n} {s} pairs" for s, n in n_rouge.items())],
+                + ", ".join(f"{n} {s} pairs" for s, n in n_rouge.items()), *lowbit.card_lines(output, ternary, teacher_info)],
                data_description(args, len(train_batches.examples), pairs),
                "Results (ROUGE F-measure; examples/s of greedy generation in the same run)", text,
                extra=sample_lines(samples))

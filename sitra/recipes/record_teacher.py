@@ -1,14 +1,20 @@
-"""Run a causal-LM teacher once over the distillation corpus and record, for every scored token,
-its top-k ids and log-probabilities plus the log of the remaining mass (or K tokens drawn from it:
---teacher_logits_sampling random), in shards with an index (sitra.records). Students then train
-from the records with `distill_pythia --teacher_logits DIR`, never loading the teacher.
+"""Run a distillation job's teacher once over the job's data and record, for every position the
+job distils, the teacher's top-k ids and log-probabilities plus the log of the remaining mass (or
+K tokens drawn from it: --teacher_logits_sampling random), in shards with an index
+(sitra.records). Students of that job then train from the records with `--teacher_logits DIR`,
+never loading the teacher.
 
+`--job` names the distillation job (default distill_pythia); every other flag is that job's, as its
+students will give them (the teacher, the data, --max_seq_length, --temperature, --seed, ...).
 One task records one shard (--shard s --num_shards S), so `jobs/launch.py record_teacher --sweep
 shard=0,1,2,3 --num_shards 4 ...` records in parallel; a shard already recorded is skipped, so
 rerunning resumes."""
+import dataclasses
+import importlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,96 +22,98 @@ from typing import Literal
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
-from sitra import data, models, records, results
+from sitra import models, records, results
 from sitra.cli import UsageError
-from sitra.data.mlm import example_generator, pad
-from sitra.data.text import BUILTIN
-from sitra.models.causal import final_hidden, lm_head
+from sitra.data.mlm import example_generator
 from sitra.train import progress_bar
 
 JOB = "record_teacher"
 POSITIONS_PER_PIECE = 1024  # logits [n, V] of about this many positions exist at a time
+# the distillation jobs whose teachers can be recorded (each has `teacher_pass(args)`)
+RECORDABLE = ("distill_pythia", "distill_classifier", "distill_summarizer", "distill_geneformer")
 
 
 @dataclass(kw_only=True)
-class RecordArgs:
-    teacher: str = field(default="EleutherAI/pythia-160m", metadata={"help": "causal LM: hub id or local folder"})
+class RecordFields:
+    job: str = field(default="distill_pythia", metadata={"help": f"the distillation job whose teacher is recorded: {', '.join(RECORDABLE)}"})
     output: str = field(metadata={"help": "records folder (the index, the tokenizer and every shard go here)"})
-    top_k: int = field(default=64, metadata={"help": "ids recorded per token (random: draws per token)"})
+    top_k: int = field(default=64, metadata={"help": "ids recorded per position (random: draws per position)"})
     teacher_logits_sampling: Literal[records.SAMPLINGS] = field(default="top_k", metadata={
         "help": "top_k: the k most likely ids and the rest mass; random: k draws from the teacher (unbiased gradients)"})
-    temperature: float = field(default=2.0, metadata={
-        "help": "softmax temperature of the recorded distribution (students must distil at the same)"})
     log_prob_dtype: Literal["float16", "float32"] = field(default="float16", metadata={
         "help": "storage of the log-probabilities (float32: twice the bytes, for exact comparisons)"})
-    dataset_name: str = field(default="wikitext", metadata={"help": f"datasets hub name, or '{BUILTIN}'"})
-    dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
-    train_file: str | None = field(default=None, metadata={"help": "local text file, one example per line"})
-    eval_file: str | None = field(default=None, metadata={"help": "local held-out text file (recorded too)"})
-    max_seq_length: int = field(default=128, metadata={"help": "tokens per example, as the students will use"})
-    packing: bool = field(default=False, metadata={"help": "concatenate the training text into constant-length blocks"})
-    percentage_data: float = field(default=1.0, metadata={"help": "fraction in (0, 1] of the data, taken evenly"})
     shard: int = field(default=0, metadata={"help": "which shard this task records, 0 to --num_shards - 1"})
     num_shards: int = field(default=1, metadata={"help": "shards the examples are split into (one launcher task each)"})
-    batch_size: int = field(default=16, metadata={"help": "examples per teacher forward"})
-    seed: int = field(default=42, metadata={"help": "random stream of the draws (random sampling)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    storage_directory: str = field(default=".", metadata={"help": "where eval_results/ (the shard's log) goes"})
-    run_name: str | None = field(default=None, metadata={"help": "name of the shard's log (default: record_teacher_shardSofN)"})
 
 
-def check(args: RecordArgs):
-    """(teacher config, tokenizer, vocabulary) after one-line checks of every flag; no weights."""
+def _record_args(job: str) -> type:
+    """RecordFields plus every flag of `job` (its data, teacher and settings), as one dataclass
+    defined at module level, so launcher tasks can pickle it."""
+    base = importlib.import_module(f"sitra.recipes.{job}").ARGS
+    cls = dataclasses.make_dataclass(f"Record_{job}", [], bases=(RecordFields, base), kw_only=True)
+    cls.__module__ = __name__
+    return cls
+
+
+RECORD_ARGS = {job: _record_args(job) for job in RECORDABLE}
+globals().update({cls.__name__: cls for cls in RECORD_ARGS.values()})
+RecordArgs = RECORD_ARGS["distill_pythia"]
+
+
+def args_class(argv: list[str]) -> type:
+    """The flags of `record_teacher --job JOB ...`: RecordFields and JOB's own."""
+    job = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--job"),
+               next((a.split("=", 1)[1] for a in argv if a.startswith("--job=")), "distill_pythia"))
+    if job not in RECORD_ARGS:
+        raise UsageError(f"--job {job}: allowed {', '.join(RECORDABLE)}")
+    return RECORD_ARGS[job]
+
+
+def check(args) -> records.TeacherPass:
+    """The job's teacher pass after one-line checks of every flag; no weights."""
     if args.num_shards < 1:
         raise UsageError(f"--num_shards {args.num_shards}: must be at least 1")
     if not 0 <= args.shard < args.num_shards:
         raise UsageError(f"--shard {args.shard}: allowed 0-{args.num_shards - 1} (--num_shards {args.num_shards})")
+    if getattr(args, "teacher_logits", None):
+        raise UsageError("--teacher_logits: a recording runs the teacher itself; leave it out")
+    if getattr(args, "teacher_bits", None):
+        raise UsageError(f"--teacher_bits {args.teacher_bits}: record with the full-precision teacher")
     if not args.temperature > 0:
         raise UsageError(f"--temperature {args.temperature}: must be positive")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.max_seq_length < 2:
-        raise UsageError(f"--max_seq_length {args.max_seq_length}: must be at least 2")
-    if not 0 < args.percentage_data <= 1:
-        raise UsageError(f"--percentage_data {args.percentage_data}: must be in (0, 1]")
-    for flag in ("train_file", "eval_file"):
-        path = getattr(args, flag)
-        if path and not Path(path).is_file():
-            raise UsageError(f"--{flag} {path}: no such file")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a folder")
-    config = models.load_config(args.teacher)
-    tokenizer = models.load_tokenizer(args.teacher)
-    vocab = min(max(tokenizer.get_vocab().values()) + 1, config.vocab_size)
-    if not 1 <= args.top_k <= vocab:
-        raise UsageError(f"--top_k {args.top_k}: the teacher's vocabulary has {vocab:,} ids; allowed 1-{vocab:,}")
+    teacher_pass = importlib.import_module(f"sitra.recipes.{args.job}").teacher_pass(args)
+    if not 1 <= args.top_k <= teacher_pass.vocab:
+        raise UsageError(f"--top_k {args.top_k}: the teacher's vocabulary has {teacher_pass.vocab:,} ids; "
+                         f"allowed 1-{teacher_pass.vocab:,}")
     models.pick_device(args.device)
-    return config, tokenizer, vocab
+    return teacher_pass
 
 
-def make_identity(args: RecordArgs, config, tokenizer, vocab: int, teacher, train, held_out) -> dict:
-    """What the records depend on. `teacher` and `data` (paths, names) are for people; the rest
-    is compared when a shard resumes and when a student reads the records."""
+def make_identity(args, teacher_pass: records.TeacherPass, teacher) -> dict:
+    """What the records depend on. `teacher` and `data` are for people; the rest is compared
+    when a shard resumes, and `settings` and the parts' fingerprints when a student reads them."""
+    tp = teacher_pass
     return {
-        "teacher": args.teacher, "teacher_config_sha256": records.config_hash(config),
-        "teacher_weights_sha256": records.weights_fingerprint(teacher), "tokenizer_sha256": records.tokenizer_hash(tokenizer),
-        "vocab": vocab, "top_k": args.top_k, "teacher_logits_sampling": args.teacher_logits_sampling,
-        "temperature": args.temperature, "log_prob_dtype": args.log_prob_dtype,
-        "seed": args.seed if args.teacher_logits_sampling == "random" else None,
-        "max_seq_length": args.max_seq_length, "packing": args.packing, "percentage_data": args.percentage_data,
-        "train_sha256": records.fingerprint(train), "eval_sha256": records.fingerprint(held_out),
-        "train_examples": len(train), "eval_examples": len(held_out),
-        "data": {"dataset_name": args.dataset_name, "dataset_config": args.dataset_config,
-                 "train_file": args.train_file, "eval_file": args.eval_file},
+        "job": args.job, "teacher": args.teacher, "teacher_config_sha256": records.config_hash(tp.config),
+        "teacher_weights_sha256": records.weights_fingerprint(teacher), "tokenizer_sha256": records.tokenizer_hash(tp.tokenizer),
+        "vocab": tp.vocab, "top_k": args.top_k, "teacher_logits_sampling": args.teacher_logits_sampling,
+        "log_prob_dtype": args.log_prob_dtype, "seed": args.seed,
+        "settings": {"--teacher_logits_sampling": args.teacher_logits_sampling, "--temperature": args.temperature} | tp.settings,
+        "parts": [{"split": split, "epoch": epoch, "examples": len(examples), "sha256": records.fingerprint(examples)}
+                  for split, epoch, examples in tp.parts],
+        "data": tp.data,
     }
 
 
 FOR_PEOPLE = ("teacher", "data")
 
 
-def open_output(folder: Path, identity: dict, num_shards: int, n_train: int, n_total: int, tokenizer, config) -> dict:
+def open_output(folder: Path, identity: dict, num_shards: int, teacher_pass: records.TeacherPass) -> dict:
     """The folder's index: made on first use (any task may be first: each write is whole and
     renamed into place), else checked against this task's identity and shard count."""
     index_path = folder / "index.json"
@@ -120,18 +128,23 @@ def open_output(folder: Path, identity: dict, num_shards: int, n_train: int, n_t
         if index["num_shards"] != num_shards:
             raise UsageError(f"--num_shards {num_shards}: {folder} is being recorded in {index['num_shards']} shards")
         return index
+    parts, start = [], 0
+    for part in identity["parts"]:
+        parts.append({"split": part["split"], "epoch": part["epoch"], "range": [start, start + part["examples"]],
+                      "sha256": part["sha256"]})
+        start += part["examples"]
     index = {"format": records.FORMAT, "identity": identity, "identity_sha256": records.identity_hash(identity),
-             "num_shards": num_shards, "splits": {"train": [0, n_train], "eval": [n_train, n_total]},
-             "shards": [{"file": records.shard_name(s, num_shards), "examples": list(records.shard_range(n_total, s, num_shards))}
+             "num_shards": num_shards, "parts": parts,
+             "shards": [{"file": records.shard_name(s, num_shards), "examples": list(records.shard_range(start, s, num_shards))}
                         for s in range(num_shards)]}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tokenizer.tmp{os.getpid()}"
-    tokenizer.save_pretrained(tmp)
+    teacher_pass.tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, folder / "tokenizer")
     except OSError:  # another task saved it first
         shutil.rmtree(tmp, ignore_errors=True)
-    results.atomic_write(folder / "teacher_config.json", lambda p: p.write_text(config.to_json_string()))
+    results.atomic_write(folder / "teacher_config.json", lambda p: p.write_text(teacher_pass.config.to_json_string()))
     results.atomic_write(index_path, lambda p: p.write_text(json.dumps(index, indent=1)))
     return index
 
@@ -149,24 +162,25 @@ def pieces(lengths: list[int], size: int) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def record_examples(teacher, examples: list[tuple[int, list[int]]], args: RecordArgs, vocab: int, device, desc: str) -> dict:
-    """The shard's arrays (sitra.records layout) from teacher forwards over `examples`."""
-    head, k = lm_head(teacher), args.top_k
+def record_examples(teacher, items: list[tuple[int, int, int, object]], tp: records.TeacherPass, args, device, desc: str) -> dict:
+    """The shard's arrays (sitra.records layout) from teacher forwards over `items`: (record
+    index, epoch, index in its split, example), collated as the job collates them in that epoch."""
+    head, k, vocab = tp.head(teacher), args.top_k, tp.vocab
     parts = {"ids": [], "logp": [], "rest": [], "counts": [], "entries": []}
     lengths = []
-    batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
     for batch in progress_bar(iterable=batches, total=len(batches), desc=desc, unit="batch"):
-        input_ids, attention_mask = pad([x for _, x in batch], 0)
-        hidden = final_hidden(teacher, {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}).last_hidden_state
-        n_scored = [len(x) - 1 for _, x in batch]
-        scored = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(n_scored)[:, None]
-        h = hidden[scored.to(device)]  # [positions, H], example by example
-        rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(n_scored))
-        generators = [example_generator(args.seed, 0, i) for i, _ in batch]
+        collated = tp.collate([x for *_, x in batch], [example_generator(args.seed, epoch, i) for _, epoch, i, _ in batch])
+        collated = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in collated.items()}
+        scored = tp.scored(collated)
+        rows = tp.features(teacher, collated)[scored]  # [positions, D], example by example
+        n_scored = scored.sum(1).tolist()
+        owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(n_scored))
+        draws = [records.draw_generator(args.seed, index) for index, *_ in batch]
         for lo, hi in pieces(n_scored, POSITIONS_PER_PIECE):
-            logits = head(h[lo:hi])[:, :vocab].float()
+            logits = head(rows[lo:hi])[:, :vocab].float()
             logp = torch.log_softmax(logits / args.temperature, dim=-1)
-            got = records.teacher_entries(logp, k, args.teacher_logits_sampling, generators, rows[lo:hi].tolist())
+            got = records.teacher_entries(logp, k, args.teacher_logits_sampling, draws, owner[lo:hi].tolist())
             if args.teacher_logits_sampling == "top_k":
                 for key, v in zip(("ids", "logp", "rest"), got):
                     parts[key].append(v.numpy().reshape(-1))
@@ -191,29 +205,25 @@ def record_examples(teacher, examples: list[tuple[int, list[int]]], args: Record
     return arrays
 
 
-def run(args: RecordArgs) -> Path:
-    config, tokenizer, vocab = check(args)
-    train, held_out = data.lm_corpus(tokenizer, args.dataset_name, args.dataset_config, args.train_file, args.eval_file,
-                                        args.max_seq_length, args.packing, args.percentage_data)
-    if not train or not held_out:
-        raise UsageError("the training or held-out text is empty: give --train_file/--eval_file or more data")
+def run(args) -> Path:
+    tp = check(args)
     device = models.pick_device(args.device)
-    teacher = models.load_model(args.teacher, device, auto=AutoModelForCausalLM)
-    identity = make_identity(args, config, tokenizer, vocab, teacher, train, held_out)
+    teacher = tp.load_teacher(device)
+    identity = make_identity(args, tp, teacher)
     folder = Path(args.output)
-    everything = records.indexed(train) + records.indexed(held_out, len(train))
-    index = open_output(folder, identity, args.num_shards, len(train), len(everything), tokenizer, config)
+    index = open_output(folder, identity, args.num_shards, tp)
+    everything = [(epoch, i, x) for _, epoch, examples in tp.parts for i, x in enumerate(examples)]
     info = index["shards"][args.shard]
     path = folder / info["file"]
-    name = args.run_name or f"{JOB}_shard{args.shard}of{args.num_shards}"
+    name = args.run_name or f"{JOB}_{args.job}_shard{args.shard}of{args.num_shards}"
     with results.RunLog(Path(args.storage_directory) / "eval_results" / f"{name}.h5", JOB, name, results.config_dict(args)) as log:
         started = time.time()
         if path.exists() and records.shard_metadata(path).get("identity_sha256") == index["identity_sha256"]:
             print(f"shard {args.shard} of {args.num_shards} is recorded already: {path}")
         else:
             lo, hi = info["examples"]
-            arrays = record_examples(teacher, everything[lo:hi], args, vocab, device,
-                                     desc=f"recording shard {args.shard}/{args.num_shards}")
+            items = [(lo + j, epoch or 0, i, x) for j, (epoch, i, x) in enumerate(everything[lo:hi])]
+            arrays = record_examples(teacher, items, tp, args, device, desc=f"recording shard {args.shard}/{args.num_shards}")
             records.write_shard(path, arrays, {"identity_sha256": index["identity_sha256"], "shard": args.shard,
                                                "num_shards": args.num_shards, "examples": hi - lo,
                                                "tokens": int(arrays["example_offsets"][-1])})
@@ -224,16 +234,29 @@ def run(args: RecordArgs) -> Path:
         log.complete(final)
     what = (f"top-{args.top_k} ids and log-probabilities + rest mass" if args.teacher_logits_sampling == "top_k"
             else f"distinct ids of {args.top_k} draws with log-probabilities and counts")
-    print(f"shard {args.shard}/{args.num_shards}: {final['examples']:,} examples, {tokens:,} tokens, {size:,} bytes = "
-          f"{final['bytes_per_token']:.1f} bytes/token ({what}; ids {records.id_bits(vocab)} bits, {args.log_prob_dtype})")
+    print(f"shard {args.shard}/{args.num_shards}: {final['examples']:,} examples, {tokens:,} positions, {size:,} bytes = "
+          f"{final['bytes_per_token']:.1f} bytes/token ({what}; ids {records.id_bits(tp.vocab)} bits, {args.log_prob_dtype})")
     done = [s for s in index["shards"] if (folder / s["file"]).exists()]
     if len(done) == len(index["shards"]):
         whole = records.TeacherRecords(folder, "--output")
-        print(f"records complete: {folder} ({len(done)} shards, {whole.positions():,} tokens, "
+        print(f"records complete: {folder} ({len(done)} shards, {whole.positions():,} positions, "
               f"{whole.disk_bytes() / max(whole.positions(), 1):.1f} bytes/token)")
     else:
         print(f"records: {len(done)} of {len(index['shards'])} shards done in {folder}")
     return folder
+
+
+def main(argv=None):
+    """jobs/record_teacher.py: the flags depend on --job."""
+    from sitra.cli import fail
+    from sitra.cli import main as job_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cls = args_class(argv)
+    except UsageError as e:
+        fail(str(e))
+    return job_main(cls, run, argv=argv)
 
 
 ARGS = RecordArgs
