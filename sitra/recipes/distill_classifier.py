@@ -2,9 +2,10 @@
 L = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T), D from the loss menu.
 The checkpoint is chosen on the validation split; the test split is evaluated once with it. One
 table: teacher, student before KD and student after KD (accuracy, macro-F1, parameters, examples/s).
-The student can be ternary (1.58-bit) and the teacher 8-bit."""
+The student can be ternary (1.58-bit) and the teacher 8-bit, or the teacher recorded once
+(--teacher_logits: its label log-probabilities for every training example, never loaded here)."""
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from sitra import losses, models, results
+from sitra import data, losses, models, records, results
 from sitra.cli import UsageError
 from sitra.evaluate import format_table
 from sitra.models import lowbit
@@ -33,7 +34,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 @dataclass(kw_only=True)
 class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
-    teacher: str = field(metadata={"help": "sequence-classification model folder or hub id (see finetune_classifier)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "sequence-classification model folder or hub id (see finetune_classifier); or give --teacher_logits"})
     student: str | None = field(default=None, metadata={
         "help": "pretrained encoder or classifier (its head is new where it has none), or a folder with only config.json"})
     student_init: Literal["auto", "pretrained", "config", "teacher_layers"] = field(default="auto", metadata={
@@ -44,6 +46,10 @@ class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
     alpha: float = field(default=0.5, metadata={"help": "weight of the label cross-entropy; the divergence gets 1 - alpha"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence (its T^2 factor is inside the menu's losses)"})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
+    teacher_logits: str | None = field(default=None, metadata={
+        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 
 def student_source(args) -> str:
@@ -59,14 +65,15 @@ def student_source(args) -> str:
 
 
 def check(args: DistillClassifierArgs):
-    """(teacher config, student source, student layers) after checking every flag."""
+    """(teacher config, student source, student layers, records or None) after checking every flag."""
     check_train_args(args)
     check_classifier_data(args)
     lowbit.check_lowbit(args)
-    teacher_config = models.load_config(args.teacher)
-    if not is_classifier(teacher_config):
-        raise UsageError(f"--teacher {args.teacher}: not a sequence classifier (architectures "
-                         f"{teacher_config.architectures}); fine-tune one with jobs/finetune_classifier.py")
+    if not args.teacher and not args.teacher_logits:
+        raise UsageError("--teacher is required (a sequence classifier), or --teacher_logits (its records made by "
+                         "jobs/record_teacher.py --job distill_classifier)")
+    rec = check_records(args) if args.teacher_logits else None
+    teacher_config = rec.teacher_config() if rec else classifier_config(args.teacher)
     source = student_source(args)
     n_layers = teacher_config.num_hidden_layers
     layers = args.student_layers or max(1, n_layers // 2)
@@ -83,9 +90,9 @@ def check(args: DistillClassifierArgs):
         if declared is not None and declared != teacher_config.num_labels:
             raise UsageError(f"--student {args.student}: {declared} labels, the teacher has {teacher_config.num_labels}; "
                              "both must classify into the same labels")
-        if not has_tokenizer(args.student) and student_config.vocab_size < len(models.load_tokenizer(args.teacher)):
+        if not has_tokenizer(args.student) and student_config.vocab_size < len(teacher_tokenizer(args, rec)):
             raise UsageError(f"--student {args.student}: has no tokenizer and its vocabulary ({student_config.vocab_size}) "
-                             f"is smaller than the teacher's tokenizer ({len(models.load_tokenizer(args.teacher))})")
+                             f"is smaller than the teacher's tokenizer ({len(teacher_tokenizer(args, rec))})")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
     if not args.temperature > 0:
@@ -93,7 +100,75 @@ def check(args: DistillClassifierArgs):
     if not 0 <= args.jsd_beta <= 1:
         raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
     lowbit.check_student_modules(student_config, args, AutoModelForSequenceClassification)
-    return teacher_config, source, layers
+    return teacher_config, source, layers, rec
+
+
+def classifier_config(teacher: str):
+    """The config of --teacher, refused where it is not a sequence classifier."""
+    config = models.load_config(teacher)
+    if not is_classifier(config):
+        raise UsageError(f"--teacher {teacher}: not a sequence classifier (architectures "
+                         f"{config.architectures}); fine-tune one with jobs/finetune_classifier.py")
+    return config
+
+
+def check_records(args: DistillClassifierArgs) -> records.TeacherRecords:
+    """The records of --teacher_logits, refused where they cannot stand in for the teacher."""
+    if args.loss not in losses.RECORD_LOSSES:
+        raise UsageError(f"--loss {args.loss}: compares raw logits, which records do not keep; with --teacher_logits "
+                         f"allowed: {', '.join(losses.RECORD_LOSSES)}")
+    rec = records.open_records(args, JOB, record_settings(args))
+    if rec.sampling == "random" and args.loss != "forward_kl":
+        raise UsageError(f"--loss {args.loss}: sampled records (--teacher_logits_sampling random) estimate forward_kl only")
+    if student_source(args) == "teacher_layers":
+        raise UsageError(f"--student_init {args.student_init}: " + ("without --student " if args.student_init == "auto" else "")
+                         + "copies the teacher's layers, which --teacher_logits leaves out; give --student (pretrained "
+                         "or config)")
+    return rec
+
+
+def record_settings(args: DistillClassifierArgs) -> dict:
+    """The flags the records depend on besides the examples themselves."""
+    return {"--temperature": args.temperature}
+
+
+def teacher_tokenizer(args: DistillClassifierArgs, rec: records.TeacherRecords | None):
+    return rec.tokenizer() if rec else models.load_tokenizer(args.teacher)
+
+
+def teacher_examples(examples: list) -> list[tuple]:
+    """What the teacher reads of each example: (its token ids, label id). These, not the student's
+    ids, are what records are made from and fingerprinted by, so a student with a tokenizer of its
+    own reads the records of the examples the teacher saw."""
+    return [(e[2] if len(e) > 2 else e[0], e[1]) for e in examples]
+
+
+def one_position(batch) -> torch.Tensor:
+    """The positions a classifier distils: one per example (its sequence-classification logits)."""
+    return torch.ones(len(batch["labels"]), 1, dtype=torch.bool, device=batch["labels"].device)
+
+
+def teacher_pass(args: DistillClassifierArgs) -> records.TeacherPass:
+    """The teacher's work of this job, for record_teacher: its logits over the labels for every
+    training example, in the teacher's tokens (the held-out splits are scored on labels only)."""
+    check_classifier_data(args)
+    if not args.teacher:
+        raise UsageError("--teacher is required: the classifier whose logits are recorded")
+    config, tokenizer = classifier_config(args.teacher), models.load_tokenizer(args.teacher)
+    check_padding(tokenizer, "--teacher", args.teacher)
+    splits = labelled_splits(args)
+    batches = classification_batches({"train": splits["train"]}, id2label_of(config), tokenizer, args.max_seq_length,
+                                     args.batch_size, args.seed)["train"]
+    return records.TeacherPass(
+        parts=[("train", None, teacher_examples(batches.examples))], collate=batches.collate, scored=one_position,
+        load_teacher=lambda device: models.load_model(args.teacher, device, auto=AutoModelForSequenceClassification),
+        features=lambda teacher, batch: teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, None],
+        head=lambda teacher: torch.nn.Identity(), tokenizer=tokenizer, config=config, vocab=config.num_labels,
+        settings=record_settings(args), data=args.train_file or f"{args.dataset_dir} (train)")
+
+
+def id2label_of(config) -> dict:
+    return {int(k): v for k, v in config.id2label.items()}
 
 
 def has_tokenizer(name: str) -> bool:
@@ -107,6 +182,27 @@ def classification_kd_loss(student_logits, teacher_logits, labels, alpha: float,
     every = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
     extra = {"beta": jsd_beta} if loss == "jsd" else {}
     kd = losses.LOGIT_LOSSES[loss](student_logits, teacher_logits, every, temperature=temperature, **extra)
+    return with_label_ce(kd, student_logits, labels, alpha, loss)
+
+
+def recorded_kd_loss(student_logits, batch, sampling: str, alpha: float, temperature: float, loss: str = "forward_kl",
+                     jsd_beta: float = 0.5):
+    """classification_kd_loss with the teacher's recorded label log-probabilities (the batch's
+    teacher_* tensors at its one position per example): the divergence on the k recorded labels
+    and the rest (top_k), or the sampled forward KL (random)."""
+    ids, logp, third = (batch[key][:, 0] for key in records.RECORD_KEYS[sampling])
+    every = torch.ones(batch["labels"].shape, dtype=torch.bool, device=student_logits.device)
+    if sampling == "top_k":
+        extra = {"beta": jsd_beta} if loss == "jsd" else {}
+        kd = losses.topk_logit_loss(losses.RECORD_LOSSES[loss], student_logits, ids, logp, third, every,
+                                    temperature=temperature, **extra)
+    else:
+        kd = losses.sampled_kl(student_logits, ids, logp, third, every, temperature=temperature)
+    return with_label_ce(kd, student_logits, batch["labels"], alpha, loss)
+
+
+def with_label_ce(kd, student_logits, labels, alpha: float, loss: str):
+    """(alpha * CE(labels) + (1 - alpha) * kd, parts): the mixing of online and recorded teachers alike."""
     ce = F.cross_entropy(student_logits.float(), labels)
     return alpha * ce + (1 - alpha) * kd, {"ce": float(ce.detach()), loss: float(kd.detach())}
 
@@ -126,35 +222,47 @@ def make_student(args, source: str, layers: int, teacher, id2label: dict, device
 
 
 def run(args: DistillClassifierArgs):
-    teacher_config, source, layers = check(args)
-    id2label = {int(k): v for k, v in teacher_config.id2label.items()}
+    teacher_config, source, layers, rec = check(args)
+    if rec:  # the card and the log name the recorded teacher and what the records hold
+        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+    id2label = id2label_of(teacher_config)
     splits = labelled_splits(args)
-    teacher_tok = models.load_tokenizer(args.teacher)
+    teacher_tok = teacher_tokenizer(args, rec)
     own = source != "teacher_layers" and has_tokenizer(args.student)  # a config-only student reads the teacher's tokens
     student_tok = models.load_tokenizer(args.student, "--student") if own else teacher_tok
     same_tokens = student_tok.get_vocab() == teacher_tok.get_vocab()
-    check_padding(teacher_tok, "--teacher", args.teacher)
+    check_padding(teacher_tok, *(("--teacher_logits", args.teacher_logits) if rec else ("--teacher", args.teacher)))
     check_padding(student_tok, "--student", args.student)
     batches = classification_batches(splits, id2label, student_tok, args.max_seq_length, args.batch_size, args.seed,
                                      None if same_tokens else teacher_tok)
+    if rec:
+        plain = batches["train"]
+        rec.check_data("train", teacher_examples(plain.examples), "training examples")
+        batches["train"] = data.Batches(records.indexed(plain.examples), args.batch_size,
+                                        records.RecordCollator(plain.collate, rec, one_position, rec.offsets("train")), seed=args.seed)
     student_name = f"{source}{layers}" if source == "teacher_layers" else f"{source}_{Path(args.student).name}"
-    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args))
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+                            + (f"_records-{rec.sampling}{rec.k}" if rec else ""))
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
-    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForSequenceClassification)
+    teacher, teacher_info, prefix = None, {}, "" if same_tokens else "teacher_"
+    if not rec:
+        # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
+        teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForSequenceClassification)
     student = make_student(args, source, layers, teacher, id2label, device)
     before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
-    prefix = "" if same_tokens else "teacher_"
-    held_out = ({"input_ids": b[f"{prefix}input_ids"], "attention_mask": b[f"{prefix}attention_mask"]}
-                for b in batches["validation"].epoch(0))  # in the teacher's tokens
-    teacher_info = lowbit.quantize_teacher(teacher, device, args, held_out)
+    if teacher is not None:
+        held_out = ({"input_ids": b[f"{prefix}input_ids"], "attention_mask": b[f"{prefix}attention_mask"]}
+                    for b in batches["validation"].epoch(0))  # in the teacher's tokens
+        teacher_info = lowbit.quantize_teacher(teacher, device, args, held_out)
     ternary = lowbit.prepare_student(student, args)
 
     def step_loss(batch):
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if rec:
+            return recorded_kd_loss(s, batch, rec.sampling, args.alpha, args.temperature, args.loss, args.jsd_beta)
         with torch.inference_mode():
             t = teacher(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"]).logits
-        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return classification_kd_loss(s, t.clone(), batch["labels"], args.alpha, args.temperature, args.loss, args.jsd_beta)
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
@@ -166,8 +274,8 @@ def run(args: DistillClassifierArgs):
         student.eval()
         output = run_.checkpoint_dir / "model"
         save_model_folder(student, student_tok, output)
-        table = classifier_table({"teacher": (teacher, prefix), "student before KD": (before, ""),
-                                  "student after KD": (student, "")}, batches, device)
+        compared = {"teacher": (teacher, prefix)} if teacher is not None else {}  # from records the teacher is never loaded
+        table = classifier_table(compared | {"student before KD": (before, ""), "student after KD": (student, "")}, batches, device)
         log.complete(flat(table) | {"best_step": progress.best_step} | {f"lowbit/{k}": v for k, v in teacher_info.items()})
     text = format_table(table, gap=("student after KD", "student before KD"))
     init = {"teacher_layers": f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th, as DistilBERT)",
@@ -178,14 +286,27 @@ def run(args: DistillClassifierArgs):
                 f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
                [f"Loss: alpha * CE(labels) + (1 - alpha) * T^2 * {divergence}(teacher_T || student_T), alpha = {args.alpha}, "
                 f"T = {args.temperature}; dynamic padding",
+                *record_lines(args, rec),
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the best validation {args.select_on} (step {progress.best_step}); the test split, where given, "
                 "is evaluated once with it", *lowbit.card_lines(output, ternary, teacher_info)],
                data_description(args, len(batches["train"].examples), splits),
-               "Results (teacher, student before KD, student after KD; examples/s timed in the same run)", text)
+               f"Results ({', '.join(table)}; examples/s timed in the same run)", text)
     print(text)
     print(f"distilled student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
     return run_
+
+
+def record_lines(args: DistillClassifierArgs, rec: records.TeacherRecords | None) -> list[str]:
+    """The model card's word on a recorded teacher: what the records hold and where."""
+    if not rec:
+        return []
+    held = (f"its log-probabilities of all {rec.vocab} labels" if rec.sampling == "top_k" and rec.k == rec.vocab
+            else f"its top-{rec.k} label log-probabilities and the missing mass" if rec.sampling == "top_k"
+            else f"{rec.k} labels drawn from it (an unbiased estimate of the forward KL)")
+    return [f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}` ({held} at temperature "
+            f"{args.temperature} for every training example); the teacher was never loaded while training, so the "
+            "results have no teacher column"]
 
 
 ARGS = DistillClassifierArgs

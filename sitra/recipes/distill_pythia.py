@@ -241,7 +241,7 @@ def run(args: DistillLMArgs):
     stream = [t for block in eval_ids for t in block]
     windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
     name = (f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")
-            + ("_ternary" if args.student_bits else "") + ("_teacher8bit" if args.teacher_bits else "")
+            + lowbit.name_suffix(args)
             + (f"_records-{rec.sampling}{rec.k}" if rec else "") + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
@@ -448,21 +448,9 @@ def teacher_lines(args: DistillLMArgs, rec: records.TeacherRecords | None) -> li
 
 
 def low_bit_lines(folder: Path, ternary: list[str], teacher_info: dict) -> list[str]:
-    lines = []
+    lines = [f"- {line}" for line in lowbit.card_lines(folder, ternary, teacher_info)]
     if ternary:
-        lines.append(f"- Student: ternary (BitNet b1.58) in {len(ternary)} linear layers: weights in {{-1, 0, +1}} x one absmean "
-                     "scale per tensor, activations 8-bit per token, trained through a straight-through estimator. "
-                     "This folder holds the latent full-precision weights and `sitra_quantization` in config.json; "
-                     "sitra's loaders (eval_lm, eval_merged) rebuild the ternary layers. 'full-precision student' below "
-                     "is the same trained weights run without quantisation. Pack to 1.6 bits a weight with "
-                     f"`python jobs/export_ternary.py {folder}`.")
-    if teacher_info:
-        line = (f"- Teacher: linear layers in 8 bits (bitsandbytes LLM.int8), weights {teacher_info['teacher_weights_mib_full']:,.1f} "
-                f"-> {teacher_info['teacher_weights_mib_8bit']:,.1f} MiB")
-        if "teacher_8bit_kl" in teacher_info:
-            line += (f"; KL(full-precision teacher || 8-bit teacher) = {teacher_info['teacher_8bit_kl']:.3g} nats/token on "
-                     f"{teacher_info['teacher_8bit_tokens']:,} held-out tokens")
-        lines.append(line)
+        lines.append("- 'full-precision student' below is the same trained weights run without quantisation.")
     return lines
 
 
