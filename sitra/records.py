@@ -80,8 +80,17 @@ class TeacherPass:
 
 def open_records(args, job: str, settings: dict) -> "TeacherRecords":
     """The records of `args.teacher_logits` for a student of `job`, refused (one line) where they
-    cannot stand in for its teacher: another job, teacher, sampling or setting."""
+    cannot stand in for its teacher: a --loss they cannot serve (raw logits; sampled records serve
+    forward KL only), another job, teacher, sampling or setting."""
+    from sitra.losses import RECORD_LOSSES
+
+    loss = getattr(args, "loss", "forward_kl")
+    if loss not in RECORD_LOSSES:
+        raise UsageError(f"--loss {loss}: compares raw logits, which records do not keep; with --teacher_logits "
+                         f"allowed: {', '.join(RECORD_LOSSES)}")
     rec = TeacherRecords(args.teacher_logits)
+    if rec.sampling == "random" and loss != "forward_kl":
+        raise UsageError(f"--loss {loss}: sampled records (--teacher_logits_sampling random) estimate forward_kl only")
     if rec.identity["job"] != job:
         raise UsageError(f"--teacher_logits {args.teacher_logits}: recorded for {rec.identity['job']}, not {job}; "
                          f"record with --job {job}")

@@ -55,6 +55,19 @@ def build_teacher(folder: Path, mlm: bool = True, layers: int = 4, hidden: int =
     return str(folder)
 
 
+def build_neox(folder, tokenizer, hidden: int, layers: int, seed: int, vocab: int | None = None, init: float = 0.02) -> str:
+    """A random tiny GPT-NeoX causal LM saved with `tokenizer` (`vocab` rows: padding rows beyond it)."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    config = GPTNeoXConfig(vocab_size=vocab or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
+                           initializer_range=init)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """Folder of a 4-layer, 32-wide BertForMaskedLM (random weights) with its tokenizer."""

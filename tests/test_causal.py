@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sitra import data
 from sitra.data import python_docs_paragraphs
@@ -18,25 +18,17 @@ from sitra.results import read_log
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def neox(folder, tokenizer, hidden, layers, seed, vocab=None, init=0.02):
-    config = GPTNeoXConfig(vocab_size=vocab or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
-                           initializer_range=init)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def lms(tiny_teacher, tmp_path_factory):
+    from conftest import build_neox
+
     d = tmp_path_factory.mktemp("lm")
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     paragraphs = python_docs_paragraphs()
     (d / "train.txt").write_text("\n".join(paragraphs[:200]))
     (d / "eval.txt").write_text("\n".join(paragraphs[1000:1040]))
     # a teacher with peaked attention, so its relations are worth learning
-    return {"teacher": neox(d / "teacher", tok, 64, 4, 0, init=0.1), "student": neox(d / "student", tok, 32, 2, 1),
+    return {"teacher": build_neox(d / "teacher", tok, 64, 4, 0, init=0.1), "student": build_neox(d / "student", tok, 32, 2, 1),
             "dir": d}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sitra import data, losses, records
 from sitra.cli import UsageError
@@ -24,21 +24,11 @@ from sitra.recipes import record_teacher
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def neox(folder, tokenizer, hidden, layers, seed, vocab=None, init=0.02):
-    config = GPTNeoXConfig(vocab_size=vocab or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
-                           initializer_range=init)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def lms(tiny_teacher, tmp_path_factory):
     """A peaked teacher (init 0.5: top-k matters), students of the same tokenizer (one with 8
     padding rows more), a model with another tokenizer, and text files."""
-    from conftest import build_tokenizer
+    from conftest import build_neox, build_tokenizer
 
     d = tmp_path_factory.mktemp("records")
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
@@ -47,9 +37,9 @@ def lms(tiny_teacher, tmp_path_factory):
     (d / "eval.txt").write_text("\n".join(paragraphs[1000:1030]))
     (d / "other_train.txt").write_text("\n".join(paragraphs[200:320]))
     other_tok = build_tokenizer(d / "other_tok", vocab_size=300)
-    return {"teacher": neox(d / "teacher", tok, 64, 2, 0, init=0.5), "student": neox(d / "student", tok, 32, 2, 1),
-            "padded_student": neox(d / "padded", tok, 32, 2, 2, vocab=len(tok) + 8),
-            "other_tokenizer": neox(d / "other", other_tok, 32, 2, 3), "dir": d, "vocab": len(tok)}
+    return {"teacher": build_neox(d / "teacher", tok, 64, 2, 0, init=0.5), "student": build_neox(d / "student", tok, 32, 2, 1),
+            "padded_student": build_neox(d / "padded", tok, 32, 2, 2, vocab=len(tok) + 8),
+            "other_tokenizer": build_neox(d / "other", other_tok, 32, 2, 3), "dir": d, "vocab": len(tok)}
 
 
 def record(lms, out, **kw):

@@ -145,12 +145,7 @@ def check(args: DistillLMArgs) -> Setup:
 
 def check_records(args: DistillLMArgs) -> records.TeacherRecords:
     """The records of --teacher_logits, refused where they cannot stand in for the teacher."""
-    if args.loss not in losses.RECORD_LOSSES:
-        raise UsageError(f"--loss {args.loss}: compares raw logits, which records do not keep; with --teacher_logits "
-                         f"allowed: {', '.join(losses.RECORD_LOSSES)}")
     rec = records.open_records(args, JOB, record_settings(args))
-    if rec.sampling == "random" and args.loss != "forward_kl":
-        raise UsageError(f"--loss {args.loss}: sampled records (--teacher_logits_sampling random) estimate forward_kl only")
     for flag in ("hidden_weight", "attention_weight", "value_weight"):
         if getattr(args, flag):
             raise UsageError(f"--{flag} {getattr(args, flag)}: needs the teacher's hidden states, which records do not keep; "
