@@ -458,7 +458,15 @@ class RecordCollator:
         return batch | {"example_index": torch.tensor(indices), **self.records.lookup(indices, self.scored(batch))}
 
 
-def indexed(examples: list) -> list[tuple[int, object]]:
-    """(index in the split, example) pairs for RecordCollator, which adds the split's offset."""
-    return list(enumerate(examples))
+class indexed:
+    """(index in the split, example) pairs for RecordCollator (which adds the split's offset),
+    read on demand like the examples themselves: a memory-mapped corpus stays on disk."""
 
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return i, self.examples[i]

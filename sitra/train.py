@@ -203,11 +203,17 @@ class Trainee:
     select: str = "eval_loss"
 
 
+# where the teacher's outputs come from (live or recorded) does not change what the student draws
+TEACHER_SOURCE = ("teacher_logits", "teacher_logits_sampling")
+
+
 def random_stream(seed: int, config: dict, rank: int) -> dict:
     """The RNG state (dropout) of one trainee in one process, derived from the seed, its
-    configuration (the flags that make the run, not its name or folder) and the rank: what a
-    student draws does not depend on which other students share its loop."""
-    identity = json.dumps({k: v for k, v in config.items() if k not in NOT_PART_OF_RUN}, sort_keys=True, default=str)
+    configuration (the flags that make the run, not its name or folder, nor whether its teacher
+    runs live or from records) and the rank: what a student draws does not depend on which other
+    students share its loop."""
+    left_out = set(NOT_PART_OF_RUN) | set(TEACHER_SOURCE)
+    identity = json.dumps({k: v for k, v in config.items() if k not in left_out}, sort_keys=True, default=str)
     key = [int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little"), rank]
     state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):

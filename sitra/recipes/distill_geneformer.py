@@ -1,17 +1,21 @@
 """Distil a Geneformer teacher (a BERT MLM over rank-value encoded genes) into a narrower student:
 L = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE over the masked genes only, on
 length-grouped batches of a pretokenized cell corpus, optionally with a ternary (1.58-bit) student
-or an 8-bit teacher; the student is saved as a BertForMaskedLM folder with a model card, and
-compared with the teacher on fixed masked validation cells."""
+or an 8-bit teacher, or a teacher recorded once (--teacher_logits); the student is saved as a
+BertForMaskedLM folder with a model card, and compared with the teacher on fixed masked validation
+cells."""
 import copy
+import json
+import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-from sitra import distributed, models, results
+from sitra import distributed, losses, models, records, results
 from sitra.cli import UsageError, command_line
 from sitra.data.cells import (
     GENEFORMER_MASK_ID, GENEFORMER_PAD_ID, BucketedMLMCollator, LengthGroupedBatches, bucket_sizes, load_corpus,
@@ -64,12 +68,36 @@ def check_cell_data(args: CellDataArgs, config) -> dict:
             "vocab_size": vocab, "max_length": config.max_position_embeddings}
 
 
+def masking(cells: dict, args: CellDataArgs) -> tuple:
+    """MLMCollator's arguments: (pad id, mask id, special ids, vocabulary, masking share)."""
+    return cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability
+
+
 def eval_cell_batches(cells: dict, args: CellDataArgs, batch_size: int, seed: int):
     """(train cells, validation cells, validation batches with fixed masks)."""
     train_cells, eval_cells = split_cells(cells["dataset"], args.validation_fraction, args.split_seed,
                                           args.max_eval_cells, cells["max_length"])
-    collate = MLMCollator(cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability)
-    return train_cells, eval_cells, Batches(eval_cells, batch_size, collate, seed=seed, shuffle=False)
+    return train_cells, eval_cells, Batches(eval_cells, batch_size, MLMCollator(*masking(cells, args)), seed=seed, shuffle=False)
+
+
+def masked_positions(batch) -> torch.Tensor:
+    """The genes the job distils: the masked ones (labels set)."""
+    return batch["labels"] != -100
+
+
+class GeneIds:
+    """The records' tokenizer of a Geneformer teacher: its cells come as gene ids already
+    (tokenize_cells), so this is the ids 0..V-1 (vocab.json in the records' tokenizer/)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_vocab(self) -> dict:
+        return {str(i): i for i in range(self.vocab_size)}
+
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "vocab.json").write_text(json.dumps(self.get_vocab()))
 
 
 @dataclass(kw_only=True)
@@ -92,20 +120,43 @@ class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     lr_scheduler: Literal[SCHEDULERS] = field(default="cosine", metadata={"help": "learning-rate shape after warm-up"})
+    teacher_logits: str | None = field(default=None, metadata={
+        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 
-def check(args: DistillGeneformerArgs):
-    """(teacher config, student config, cells) after every check on the flags, before any compute."""
+@dataclass
+class Setup:
+    """What check() learns from configs, the corpus and records, before any weights are loaded."""
+    student_config: object
+    cells: dict
+    train_cells: object
+    eval_cells: object
+    eval_batches: Batches  # the validation cells with their fixed masks (epoch 0's)
+    records: records.TeacherRecords | None
+
+
+def teacher_config(args: DistillGeneformerArgs, rec: records.TeacherRecords | None = None):
+    """The teacher's BertForMaskedLM config: from --teacher, or from its records."""
+    config = rec.teacher_config() if rec else models.load_config(args.teacher)
+    if config.model_type != "bert" or not models.has_mlm_head(config):
+        raise UsageError(f"--teacher {args.teacher}: a {config.model_type} {config.architectures}; "
+                         "Geneformer distillation needs a BertForMaskedLM")
+    return config
+
+
+def check(args: DistillGeneformerArgs) -> Setup:
+    """Every check on the flags, before any compute."""
     from transformers import AutoModelForMaskedLM
 
     check_train_args(args)
     lowbit.check_lowbit(args)
-    if not args.teacher:
-        raise UsageError("--teacher is required: a Geneformer (BertForMaskedLM) folder")
-    config = models.load_config(args.teacher)
-    if config.model_type != "bert" or not models.has_mlm_head(config):
-        raise UsageError(f"--teacher {args.teacher}: a {config.model_type} {config.architectures}; "
-                         "Geneformer distillation needs a BertForMaskedLM")
+    if not args.teacher and not args.teacher_logits:
+        raise UsageError("--teacher or --teacher_logits is required: a Geneformer (BertForMaskedLM) folder, or records "
+                         f"of one (jobs/record_teacher.py --job {JOB})")
+    rec = check_records(args) if args.teacher_logits else None
+    config = teacher_config(args, rec)
     student = student_config(config, args)
     lowbit.check_student_modules(student, args, AutoModelForMaskedLM)
     if not 0 <= args.alpha <= 1:
@@ -126,7 +177,77 @@ def check(args: DistillGeneformerArgs):
         if args.num_hidden_layers > config.num_hidden_layers:
             raise UsageError(f"--init_from_teacher: --num_hidden_layers {args.num_hidden_layers} is more than the "
                              f"teacher's {config.num_hidden_layers}")
-    return config, student, check_cell_data(args, config)
+    cells = check_cell_data(args, config)
+    train_cells, eval_cells, eval_batches = eval_cell_batches(cells, args, args.batch_size, args.seed)
+    if rec:
+        check_recorded_epochs(args, rec, len(train_cells))
+    return Setup(student, cells, train_cells, eval_cells, eval_batches, rec)
+
+
+def record_settings(args: DistillGeneformerArgs) -> dict:
+    """The flags the records depend on besides the cells themselves: the temperature and every
+    flag of the masks (which are drawn from --seed, the epoch and the cell's index)."""
+    return {"--temperature": args.temperature, "--seed": args.seed, "--mlm_probability": args.mlm_probability,
+            "--mask_token_id": args.mask_token_id, "--special_token_ids": list(args.special_token_ids)}
+
+
+def check_records(args: DistillGeneformerArgs) -> records.TeacherRecords:
+    """The records of --teacher_logits, refused where they cannot stand in for the teacher."""
+    rec = records.open_records(args, JOB, record_settings(args))
+    if args.init_from_teacher:
+        raise UsageError("--init_from_teacher: copies the teacher's weights, which --teacher_logits leaves out; "
+                         "drop one of them")
+    return rec
+
+
+def steps_per_epoch(args: DistillGeneformerArgs, n_train: int, world: int = 1) -> int:
+    """Optimizer steps of one epoch over n_train cells shared by `world` processes (as train() counts)."""
+    batches = Batches(range(n_train), args.batch_size, None)
+    return math.ceil(len(batches.shard(0, world) if world > 1 else batches) / args.gradient_accumulation_steps)
+
+
+def training_epochs(args: DistillGeneformerArgs, n_train: int, world: int = 1) -> int:
+    """How many epochs a run reads (0..n-1), each with its own masks: --epochs, or as many as
+    --max_steps take."""
+    if not args.max_steps:
+        return args.epochs
+    return math.ceil(args.max_steps / steps_per_epoch(args, n_train, world))
+
+
+def check_recorded_epochs(args: DistillGeneformerArgs, rec: records.TeacherRecords, n_train: int):
+    """Refuse a run that would reach an epoch whose masks the records do not hold."""
+    recorded = len(rec.parts("train"))
+    world = distributed.world_size()
+    if training_epochs(args, n_train, world) <= recorded:
+        return
+    where = f"the records at --teacher_logits {args.teacher_logits} hold {recorded} epoch(s) of masks"
+    if not args.max_steps:
+        raise UsageError(f"--epochs {args.epochs}: {where}; allowed 1-{recorded}, or record with --epochs {args.epochs}")
+    per_epoch = steps_per_epoch(args, n_train, world)
+    raise UsageError(f"--max_steps {args.max_steps}: {where} ({per_epoch} steps an epoch here); allowed 1-"
+                     f"{recorded * per_epoch}, or record with the same --max_steps and --batch_size")
+
+
+def teacher_pass(args: DistillGeneformerArgs) -> records.TeacherPass:
+    """The teacher's work of this job, for record_teacher: its MLM logits at the masked genes of
+    the training cells in every epoch the job will run (the masks differ each epoch) and of the
+    validation cells (with epoch 0's masks, as the job evaluates)."""
+    check_train_args(args)
+    if not args.teacher:
+        raise UsageError("--teacher is required: a Geneformer (BertForMaskedLM) folder")
+    config = teacher_config(args)
+    cells = check_cell_data(args, config)
+    train_cells, eval_cells, _ = eval_cell_batches(cells, args, args.batch_size, args.seed)
+    epochs = training_epochs(args, len(train_cells))
+    return records.TeacherPass(
+        parts=[("train", epoch, train_cells) for epoch in range(epochs)] + [("validation", None, eval_cells)],
+        collate=MLMCollator(*masking(cells, args)), scored=masked_positions,
+        load_teacher=lambda device: models.load_model(args.teacher, device, mlm=True),
+        features=lambda teacher, batch: teacher.base_model(input_ids=batch["input_ids"],
+                                                           attention_mask=batch["attention_mask"]).last_hidden_state,
+        head=lambda teacher: teacher.cls, tokenizer=GeneIds(config.vocab_size), config=config, vocab=config.vocab_size,
+        settings=record_settings(args),
+        data=f"{args.data} (validation fraction {args.validation_fraction:g}, split seed {args.split_seed})")
 
 
 def student_config(teacher_config, args):
@@ -174,46 +295,73 @@ def init_from_teacher(student, teacher) -> tuple[list[int], int, int]:
 def run(args: DistillGeneformerArgs):
     from transformers import BertForMaskedLM
 
-    teacher_config, config, cells = check(args)
-    train_cells, eval_cells, eval_batches = eval_cell_batches(cells, args, args.batch_size, args.seed)
-    masking = (cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability)
+    setup = check(args)
+    rec, cells, config = setup.records, setup.cells, setup.student_config
+    if rec:  # the card and the log name the recorded teacher and what the records hold
+        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+    train_cells, eval_cells, eval_batches = setup.train_cells, setup.eval_cells, setup.eval_batches
     buckets = bucket_sizes(cells["max_length"], args.bucket_sizes) if args.compile else None
-    collate = BucketedMLMCollator(*masking, buckets=buckets) if buckets else MLMCollator(*masking)
+    collate = BucketedMLMCollator(*masking(cells, args), buckets=buckets) if buckets else MLMCollator(*masking(cells, args))
+    kd_batches = eval_batches  # what the held-out loss is taken on
+    if rec:
+        rec.check_data("train", train_cells, "training cells")
+        rec.check_data("validation", eval_cells, "validation cells")
+        collate = records.RecordCollator(collate, rec, masked_positions, rec.offsets("train"))
+        kd_batches = Batches(records.indexed(eval_cells), args.batch_size, shuffle=False, seed=args.seed,
+                             collate=records.RecordCollator(eval_batches.collate, rec, masked_positions, rec.offsets("validation")))
+    train_examples = records.indexed(train_cells) if rec else train_cells
     if args.group_by_length:
-        train_batches = LengthGroupedBatches(train_cells, args.batch_size, collate, train_cells.lengths,
+        train_batches = LengthGroupedBatches(train_examples, args.batch_size, collate, train_cells.lengths,
                                              seed=args.seed, group_size=args.length_group_size)
     else:
-        train_batches = Batches(train_cells, args.batch_size, collate, seed=args.seed)
-    name = f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+        train_batches = Batches(train_examples, args.batch_size, collate, seed=args.seed)
+    name = (f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+            + (f"_records-{rec.sampling}{rec.k}" if rec else ""))
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    # an 8-bit teacher is loaded on the CPU in full precision, so a student can copy its layers first
-    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, mlm=True)
+    teacher, teacher_info = None, {}
+    if not rec:
+        # an 8-bit teacher is loaded on the CPU in full precision, so a student can copy its layers first
+        teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, mlm=True)
     student = BertForMaskedLM(config).to(device)
     if args.init_from_teacher:
         keep, copied, total = init_from_teacher(student, teacher)
         print(f"student starts from teacher layers {keep}: {copied} of {total} tensors copied")
-    teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
+    if teacher is not None:
+        teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
     ternary = lowbit.prepare_student(student, args)
     print(f"{len(train_cells):,} training cells, {len(eval_cells):,} validation cells; student "
-          f"{sum(p.numel() for p in student.parameters()):,} parameters, teacher {sum(p.numel() for p in teacher.parameters()):,}")
+          f"{sum(p.numel() for p in student.parameters()):,} parameters"
+          + (f", teacher {sum(p.numel() for p in teacher.parameters()):,}" if teacher is not None
+             else f"; teacher recorded in {args.teacher_logits}"))
     encoder = student.base_model
     if buckets:
         encoder = torch.compile(student.base_model, dynamic=False)
         print(f"compiling the student; batches padded to {', '.join(map(str, buckets))}")
     shapes = set()
 
-    def kd(s_logits, t_logits, labels):
+    def kd(s_logits, labels, batch, t_logits=None):
+        """(loss, kl, ce) over the masked genes: from the teacher's logits there, or from its records."""
         everywhere = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-        return masked_lm_distillation(s_logits, t_logits, labels, everywhere, args.temperature, args.alpha)
+        if rec is None:
+            return masked_lm_distillation(s_logits, t_logits, labels, everywhere, args.temperature, args.alpha)
+        recorded = [batch[key][masked_positions(batch)] for key in records.RECORD_KEYS[rec.sampling]]
+        if rec.sampling == "top_k":
+            kl = losses.topk_logit_loss(losses.kl_div, s_logits, *recorded, everywhere, temperature=args.temperature)
+        else:
+            kl = losses.sampled_kl(s_logits, *recorded, everywhere, temperature=args.temperature)
+        ce = F.cross_entropy(s_logits.float(), labels, reduction="sum") / max(len(labels), 1)
+        return args.alpha * kl + (1 - args.alpha) * ce, kl, ce
 
     def step_loss(batch):
-        with torch.inference_mode():
-            t_logits, labels = masked_logits(teacher, batch)
-        s_logits, _ = masked_logits(student, batch, encoder)
-        labels = labels.clone()
-        loss, kl, ce = kd(s_logits, t_logits.clone(), labels)
+        t_logits = None
+        if teacher is not None:
+            with torch.inference_mode():
+                t_logits = masked_logits(teacher, batch)[0]
+            t_logits = t_logits.clone()  # a normal tensor: the loss is differentiated
+        s_logits, labels = masked_logits(student, batch, encoder)
+        loss, kl, ce = kd(s_logits, labels, batch, t_logits)
         parts = {"kl": float(kl.detach()), "ce": float(ce.detach()),
                  "mlm_accuracy": float((s_logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0}
         if buckets:
@@ -223,11 +371,11 @@ def run(args: DistillGeneformerArgs):
 
     def evaluate():
         sums, n, metrics = {"eval_loss": 0.0, "eval_kl": 0.0, "eval_ce": 0.0}, 0, MLMMetrics()
-        for batch in eval_batches.epoch(0):
+        for batch in kd_batches.epoch(0):
             batch = {k: v.to(device) for k, v in batch.items()}
             s_logits, labels = masked_logits(student, batch)
-            t_logits, _ = masked_logits(teacher, batch)
-            for key, value in zip(sums, kd(s_logits, t_logits, labels)):
+            t_logits = masked_logits(teacher, batch)[0] if teacher is not None else None
+            for key, value in zip(sums, kd(s_logits, labels, batch, t_logits)):
                 sums[key] += float(value) * len(labels)
             n += len(labels)
             metrics.update(s_logits, labels)
@@ -240,19 +388,37 @@ def run(args: DistillGeneformerArgs):
             return run_
         student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
-        table = evaluate_mlm({"Teacher": teacher, "Student": student}, eval_batches, device)
+        compared = {"Teacher": teacher, "Student": student} if teacher is not None else {"Student": student}
+        table = evaluate_mlm(compared, eval_batches, device)
         final = ({f"{n.lower()}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
                  | {f"lowbit/{k}": v for k, v in teacher_info.items()})
         if buckets:
             final["distinct_shapes"] = len(shapes)
             print(f"the compiled student saw {len(shapes)} distinct batch shapes")
         output = run_.checkpoint_dir / "model"
-        card = model_card(args, table, config, len(train_cells), len(eval_cells), lowbit.card_lines(output, ternary, teacher_info))
+        card = model_card(args, table, config, len(train_cells), len(eval_cells),
+                          teacher_lines(args, rec) + lowbit.card_lines(output, ternary, teacher_info))
         save_student(student, output, card)
         log.complete(final)
-    print(format_table(table, gap=("Student", "Teacher")))
+    print(format_table(table, gap=gap(table)))
     print(f"student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
     return run_
+
+
+def gap(table: dict) -> tuple[str, str] | None:
+    """The results table's gap column: student minus teacher, where the teacher was evaluated."""
+    return ("Student", "Teacher") if "Teacher" in table else None
+
+
+def teacher_lines(args: DistillGeneformerArgs, rec: records.TeacherRecords | None) -> list[str]:
+    """Model-card sentence on a recorded teacher: what the records hold and where."""
+    if rec is None:
+        return []
+    held, kl = ((f"its top-{rec.k} log-probabilities and the missing mass", f"the KL is taken on those {rec.k} genes and the rest")
+                if rec.sampling == "top_k" else (f"{rec.k} genes drawn from it", "an unbiased estimate of the KL"))
+    epochs = len(rec.parts("train"))
+    return [f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}`: {held} at every masked gene, "
+            f"with the masks of {epochs} training epoch{'s' if epochs > 1 else ''} ({kl}); the teacher was never loaded while training."]
 
 
 def save_student(student, output: Path, card: str):
@@ -286,8 +452,8 @@ def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n
         f"- Data: {args.data}: {n_train:,} training cells, {n_eval:,} validation cells "
         f"(split seed {args.split_seed}), {'length-grouped' if args.group_by_length else 'random'} batches",
         *(f"- {line}" for line in low_bit), "",
-        "## Results (validation cells, the same masks for both models)", "",
-        format_table(table, gap=("Student", "Teacher")), "",
+        "## Results (validation cells, the same masks for both models)" if gap(table) else "## Results (validation cells)", "",
+        format_table(table, gap=gap(table)), "",
         "## Reproduce", "", "```bash", command_line(f"jobs/{JOB}.py", args), "```", "",
     ]
     return "\n".join(lines)

@@ -3,9 +3,10 @@ L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T) on the summary to
 after them) only: the prompt and the padding carry no labels and no KD. The checkpoint is chosen
 on the validation loss; greedy summaries of teacher, student before and student after KD are
 scored with ROUGE-1/2/L (rouge-score, stemming on). The student can be ternary (1.58-bit) and the
-teacher 8-bit."""
+teacher 8-bit, or the teacher recorded once (record_teacher --job distill_summarizer) and replaced by
+its records (--teacher_logits): then it is never loaded and the ROUGE table has no teacher row."""
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -13,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from sitra import data, losses, models, results
+from sitra import data, losses, models, records, results
 from sitra.cli import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
 from sitra.evaluate import generate_summaries, rouge, rouge_config
 from sitra.models import lowbit
-from sitra.models.causal import final_hidden, lm_head, student_from_teacher_layers
+from sitra.models.causal import final_hidden, lm_head, shared_vocab, student_from_teacher_layers
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import held_out_mean, load_weights
 from sitra.recipes.task_common import (
@@ -29,6 +30,7 @@ from sitra.train import TrainArgs, check_train_args, seed_everything, train
 
 JOB = "distill_summarizer"
 DEFAULT_TEMPLATE = "Summarize the following:\n{document}\nSummary:"
+LOSS_SPLITS = ("train", "validation")  # the splits the loss runs on (and records cover); test is for ROUGE only
 
 
 @dataclass(kw_only=True)
@@ -47,7 +49,8 @@ class SummaryDataArgs(TaskDataArgs):
 
 @dataclass(kw_only=True)
 class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, lowbit.LowBitArgs):
-    teacher: str = field(metadata={"help": "causal LM (fine-tuned for the task) folder or hub id"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "causal LM (fine-tuned for the task) folder or hub id (or its records: --teacher_logits)"})
     student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers"] = field(default="pretrained", metadata={
         "help": "pretrained: load --student; teacher_layers: every k-th teacher layer"})
@@ -58,19 +61,50 @@ class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, lowbit.LowBitArgs):
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
     loss_chunks: int = field(default=4, metadata={"help": "summary positions are cut into this many pieces for the logit losses (1: plain)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    teacher_logits: str | None = field(default=None, metadata={
+        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 
 def template_of(args) -> str:
     return args.prompt_template.replace("\\n", "\n")
 
 
-def check(args: DistillSummarizerArgs):
-    """(teacher config, student layers) after checking every flag."""
-    check_train_args(args)
+def check_data_flags(args):
+    """One-line errors for the flags that shape the examples (the job's and its recording's)."""
     check_task_data(args)
-    lowbit.check_lowbit(args)
     tasks.split_template(template_of(args))
-    for flag in ("max_prompt_length", "max_summary_length", "max_new_tokens", "generation_batch_size", "loss_chunks"):
+    for flag in ("max_prompt_length", "max_summary_length"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+
+
+def summary_tokenizer(tokenizer, where: str):
+    """The teacher's tokenizer, which must have an EOS to end the summaries with; it pads with
+    the EOS where it has no padding token."""
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"{where}: its tokenizer has no EOS token to end the summaries with")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class Setup:
+    """What check() learns from configs, tokenizers and records, before any weights are loaded."""
+    teacher_config: object
+    tokenizer: object
+    layers: int
+    records: records.TeacherRecords | None
+    vocab_notice: str | None  # records: the student has output rows past the recorded ids
+
+
+def check(args: DistillSummarizerArgs) -> Setup:
+    check_train_args(args)
+    check_data_flags(args)
+    lowbit.check_lowbit(args)
+    for flag in ("max_new_tokens", "generation_batch_size", "loss_chunks"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.generation_examples < 0:
@@ -81,27 +115,51 @@ def check(args: DistillSummarizerArgs):
         raise UsageError(f"--temperature {args.temperature}: must be positive")
     if not 0 <= args.jsd_beta <= 1:
         raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
-    teacher_config = models.load_config(args.teacher)
-    tokenizer = models.load_tokenizer(args.teacher)
-    if tokenizer.eos_token_id is None:
-        raise UsageError(f"--teacher {args.teacher}: its tokenizer has no EOS token to end the summaries with")
+    if not args.teacher and not args.teacher_logits:
+        raise UsageError("--teacher: required, or --teacher_logits DIR (the teacher's records from jobs/record_teacher.py)")
+    rec = check_records(args) if args.teacher_logits else None
+    teacher_name = f"the records at --teacher_logits {args.teacher_logits}" if rec else f"--teacher {args.teacher}"
+    teacher_config = rec.teacher_config() if rec else models.load_config(args.teacher)
+    tokenizer = summary_tokenizer(rec.tokenizer() if rec else models.load_tokenizer(args.teacher), teacher_name)
     layers = args.student_layers or max(1, teacher_config.num_hidden_layers // 2)
     student_config = copy.deepcopy(teacher_config)
     student_config.num_hidden_layers = layers
+    notice = None
     if args.student_init == "pretrained":
         if not args.student:
             raise UsageError("--student_init pretrained needs --student")
         student_config = models.load_config(args.student, "--student")
-        if student_config.vocab_size != teacher_config.vocab_size:
+        if not rec and student_config.vocab_size != teacher_config.vocab_size:
             raise UsageError(f"--student {args.student}: vocabulary of {student_config.vocab_size} tokens, the teacher's "
                              f"has {teacher_config.vocab_size}; distillation needs the same vocabulary")
-        if models.load_tokenizer(args.student, "--student").get_vocab() != tokenizer.get_vocab():
-            raise UsageError(f"--student {args.student}: its tokenizer differs from --teacher {args.teacher}'s")
+        # records compare the first rec.vocab rows (the tokenizer's ids), so only the tokenizers must agree
+        vocab, notice = shared_vocab(tokenizer.get_vocab(), models.load_tokenizer(args.student, "--student").get_vocab(),
+                                     teacher_config.vocab_size, student_config.vocab_size,
+                                     student=f"--student {args.student}", teacher=teacher_name)
+        if rec and vocab < rec.vocab:
+            raise UsageError(f"--student {args.student}: {student_config.vocab_size:,} output rows, fewer than the "
+                             f"{rec.vocab:,} ids {teacher_name} hold")
         layers = student_config.num_hidden_layers
     elif not 1 <= layers <= teacher_config.num_hidden_layers:
         raise UsageError(f"--student_layers {layers}: allowed 1-{teacher_config.num_hidden_layers}")
     lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
-    return teacher_config, layers
+    return Setup(teacher_config, tokenizer, layers, rec, notice if rec else None)
+
+
+def check_records(args: DistillSummarizerArgs) -> records.TeacherRecords:
+    """The records of --teacher_logits (open_records refuses a --loss they cannot serve), refused
+    where they cannot stand in for the teacher."""
+    rec = records.open_records(args, JOB, record_settings(args))
+    if args.student_init == "teacher_layers":
+        raise UsageError("--student_init teacher_layers: copies the teacher's weights, which --teacher_logits leaves out; "
+                         "use pretrained with --student")
+    return rec
+
+
+def record_settings(args) -> dict:
+    """The flags the records depend on besides the examples themselves (their fingerprints cover
+    the data, template and length flags)."""
+    return {"--temperature": args.temperature}
 
 
 def summary_pairs(args, tokenizer) -> dict[str, tuple[list[list[int]], list[str], list[list[int]], str]]:
@@ -120,44 +178,110 @@ def summary_pairs(args, tokenizer) -> dict[str, tuple[list[list[int]], list[str]
     return out
 
 
+def summary_examples(pairs: dict, split: str, eos_id: int) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) examples of a split: prompt, summary, EOS."""
+    prompts, _, targets, _ = pairs[split]
+    return [tasks.summary_example(p, t, eos_id) for p, t in zip(prompts, targets)]
+
+
+def teacher_pass(args) -> records.TeacherPass:
+    """The teacher's work of this job, for record_teacher: the next-token logits at every position
+    that predicts a summary token or the EOS, on the training and validation pairs."""
+    check_data_flags(args)
+    if not args.teacher:
+        raise UsageError("--teacher: required (the teacher to record)")
+    config = models.load_config(args.teacher)
+    tokenizer = summary_tokenizer(models.load_tokenizer(args.teacher), f"--teacher {args.teacher}")
+    pairs = summary_pairs(args, tokenizer)
+    return records.TeacherPass(
+        parts=[(split, None, summary_examples(pairs, split, tokenizer.eos_token_id)) for split in LOSS_SPLITS],
+        collate=tasks.SummaryCollator(tokenizer.pad_token_id), scored=scored_positions,
+        load_teacher=lambda device: models.load_model(args.teacher, device, auto=AutoModelForCausalLM),
+        features=lambda teacher, batch: final_hidden(teacher, batch).last_hidden_state[:, :-1], head=lm_head,
+        tokenizer=tokenizer, config=config, vocab=min(max(tokenizer.get_vocab().values()) + 1, config.vocab_size),
+        settings=record_settings(args), data=args.dataset_dir or f"{args.train_file} (validation: "
+        + (args.validation_file or f"{args.validation_from_train} pairs held out from it") + ")")
+
+
+def scored_positions(batch) -> torch.Tensor:
+    """[B, L - 1]: the positions whose next token carries a label (a summary token or the EOS)."""
+    return batch["labels"][:, 1:] != -100
+
+
+def student_positions(student, batch):
+    """(student hidden states [N, D], next tokens [N]) at the scored positions."""
+    scored = scored_positions(batch)
+    return final_hidden(student, batch).last_hidden_state[:, :-1][scored], batch["labels"][:, 1:][scored]
+
+
+def with_ce(kd, s_logits, mask, targets, alpha: float):
+    """The job's mix: alpha * the summary cross-entropy + (1 - alpha) * the divergence term `kd`."""
+    return alpha * F.cross_entropy(s_logits[mask].float(), targets[mask]) + (1 - alpha) * kd
+
+
 def summary_kd_loss(student, teacher, batch, divergence, alpha: float, temperature: float, chunks: int = 1, **extra):
     """alpha * CE + (1 - alpha) * D_T over the positions whose next token carries a label (the
     summary and its EOS): the prompt and the padding take no part."""
-    scored = batch["labels"][:, 1:] != -100
-    targets = batch["labels"][:, 1:][scored]
     with torch.inference_mode():
-        t = final_hidden(teacher, batch).last_hidden_state[:, :-1][scored]
-    s = final_hidden(student, batch).last_hidden_state[:, :-1][scored]
+        t = final_hidden(teacher, batch).last_hidden_state[:, :-1][scored_positions(batch)]
+    s, targets = student_positions(student, batch)
     every = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
 
     def logit_loss(s_logits, t_logits, mask, targets):
-        kd = divergence(s_logits, t_logits, mask, temperature=temperature, **extra)
-        return alpha * F.cross_entropy(s_logits[mask].float(), targets[mask]) + (1 - alpha) * kd
+        return with_ce(divergence(s_logits, t_logits, mask, temperature=temperature, **extra), s_logits, mask, targets, alpha)
 
     return losses.chunked_logit_loss(logit_loss, s, lm_head(student), t.clone(), lm_head(teacher), every,
                                      chunks=chunks, targets=targets)
 
 
+def summary_record_loss(student, batch, rec: records.TeacherRecords, divergence, alpha: float, temperature: float,
+                        chunks: int = 1, **extra):
+    """summary_kd_loss with the teacher's distribution from the batch's records (RecordCollator):
+    the divergence on the k recorded ids and the rest mass (top_k), or the sampled forward KL
+    (random), on the student's first `rec.vocab` logits."""
+    s, targets = student_positions(student, batch)
+    every = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
+    recorded = tuple(batch[k][scored_positions(batch)] for k in records.RECORD_KEYS[rec.sampling])
+
+    def record_loss(s_logits, ids, logp, rest_or_weight, mask, targets):
+        if rec.sampling == "top_k":
+            kd = losses.topk_logit_loss(divergence, s_logits, ids, logp, rest_or_weight, mask, temperature=temperature, **extra)
+        else:
+            kd = losses.sampled_kl(s_logits, ids, logp, rest_or_weight, mask, temperature=temperature)
+        return with_ce(kd, s_logits, mask, targets, alpha)
+
+    return losses.chunked_record_loss(record_loss, s, lambda h: lm_head(student)(h)[..., :rec.vocab], recorded, every,
+                                      chunks=chunks, targets=targets)
+
+
 def run(args: DistillSummarizerArgs):
-    teacher_config, layers = check(args)
-    tokenizer = models.load_tokenizer(args.teacher)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    setup = check(args)
+    rec, tokenizer = setup.records, setup.tokenizer
+    if rec:  # the card and the log name the recorded teacher and what the records hold
+        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
     pairs = summary_pairs(args, tokenizer)
+    examples = {split: summary_examples(pairs, split, tokenizer.eos_token_id) for split in LOSS_SPLITS}
     collate = tasks.SummaryCollator(tokenizer.pad_token_id)
-
-    def examples(split):
-        prompts, _, targets, _ = pairs[split]
-        return [tasks.summary_example(p, t, tokenizer.eos_token_id) for p, t in zip(prompts, targets)]
-
-    train_batches = data.Batches(examples("train"), args.batch_size, collate, seed=args.seed)
-    val_batches = data.Batches(examples("validation"), args.batch_size, collate, seed=args.seed, shuffle=False)
+    collates = dict.fromkeys(LOSS_SPLITS, collate)
+    if rec:
+        rec.check_data("train", examples["train"], "training pairs")
+        rec.check_data("validation", examples["validation"], "validation pairs")
+        collates = {split: records.RecordCollator(collate, rec, scored_positions, rec.offsets(split)) for split in LOSS_SPLITS}
+        examples = {split: records.indexed(examples[split]) for split in LOSS_SPLITS}
+    if setup.vocab_notice:
+        print(setup.vocab_notice)
+    train_batches = data.Batches(examples["train"], args.batch_size, collates["train"], seed=args.seed)
+    val_batches = data.Batches(examples["validation"], args.batch_size, collates["validation"], seed=args.seed, shuffle=False)
+    layers = setup.layers
     student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
-    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args))
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+                            + (f"_records-{rec.sampling}{rec.k}" if rec else ""))
     device = models.pick_device(args.device)
     seed_everything(args.seed)
-    # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
-    teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
+    teacher = None
+    if not rec:
+        # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
+        teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
     if args.student_init == "pretrained":
         student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     else:
@@ -166,13 +290,18 @@ def run(args: DistillSummarizerArgs):
     for p in student.parameters():
         p.requires_grad_(True)
     before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
-    teacher_info = lowbit.quantize_teacher(teacher, device, args, val_batches.epoch(0))
+    teacher_info = lowbit.quantize_teacher(teacher, device, args, val_batches.epoch(0)) if teacher is not None else {}
     ternary = lowbit.prepare_student(student, args)
-    divergence = losses.LOGIT_LOSSES[args.loss]
     extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
 
     def step_loss(batch):
-        return summary_kd_loss(student, teacher, batch, divergence, args.alpha, args.temperature, args.loss_chunks, **extra), {}
+        if rec:
+            loss = summary_record_loss(student, batch, rec, losses.RECORD_LOSSES[args.loss], args.alpha, args.temperature,
+                                       args.loss_chunks, **extra)
+        else:
+            loss = summary_kd_loss(student, teacher, batch, losses.LOGIT_LOSSES[args.loss], args.alpha, args.temperature,
+                                   args.loss_chunks, **extra)
+        return loss, {}
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
         log.note(**teacher_info)
@@ -182,12 +311,13 @@ def run(args: DistillSummarizerArgs):
         student.eval()
         output = run_.checkpoint_dir / "model"
         save_model_folder(student, tokenizer, output)
-        table, samples = rouge_table({"teacher": teacher, "student before KD": before, "student after KD": student},
-                                     pairs, tokenizer, args, device)
+        # the teacher's row needs its generations: from records there is none
+        compared = ({"teacher": teacher} if teacher is not None else {}) | {"student before KD": before, "student after KD": student}
+        table, samples = rouge_table(compared, pairs, tokenizer, args, device)
         log.complete(flat(table) | {"best_step": progress.best_step, "rouge_use_stemmer": 1.0}
                      | {f"lowbit/{k}": v for k, v in teacher_info.items()})
     text = format_table(table, gap=("student after KD", "student before KD"))
-    init = (f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th)"
+    init = (f"{layers} of the teacher's {setup.teacher_config.num_hidden_layers} layers (every k-th)"
             if args.student_init == "teacher_layers" else f"`{args.student}`")
     n_rouge = {s: len(pick(pairs[s][0], args.generation_examples)) for s in ("validation", "test") if s in pairs}
     write_card(output, JOB, args, f"Distilled summarizer of {args.teacher}",
@@ -197,6 +327,7 @@ def run(args: DistillSummarizerArgs):
                 f"Loss on summary tokens and the EOS only: alpha * CE + (1 - alpha) * T^2 * {args.loss}(teacher_T || "
                 f"student_T), alpha = {args.alpha}, T = {args.temperature}"
                 + (f", JSD beta {args.jsd_beta}" if args.loss == "jsd" else ""),
+                *([records_line(args, rec)] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the lowest validation loss (step {progress.best_step})",
                 f"Evaluation: greedy generation, at most {args.max_new_tokens} new tokens; {rouge_config()}; "
@@ -207,6 +338,15 @@ def run(args: DistillSummarizerArgs):
     print(text)
     print(f"distilled summarizer: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
     return run_
+
+
+def records_line(args, rec: records.TeacherRecords) -> str:
+    """The model card's word on a recorded teacher: what the records hold, where, and what it means for the table."""
+    held = (f"its top-{rec.k} log-probabilities and the missing mass" if rec.sampling == "top_k"
+            else f"{rec.k} tokens drawn from it, an unbiased estimate of the forward KL,")
+    return (f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}`: {held} at every summary "
+            "token and the EOS. The teacher was never loaded while training, so the results have no teacher row "
+            "(it needs the teacher's generations)")
 
 
 def pick(items: list, n: int) -> list:

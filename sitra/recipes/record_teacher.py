@@ -11,6 +11,7 @@ shard=0,1,2,3 --num_shards 4 ...` records in parallel; a shard already recorded 
 rerunning resumes."""
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import shutil
@@ -76,6 +77,8 @@ def check(args) -> records.TeacherPass:
         raise UsageError(f"--num_shards {args.num_shards}: must be at least 1")
     if not 0 <= args.shard < args.num_shards:
         raise UsageError(f"--shard {args.shard}: allowed 0-{args.num_shards - 1} (--num_shards {args.num_shards})")
+    if args.teacher_logits_sampling not in records.SAMPLINGS:
+        raise UsageError(f"--teacher_logits_sampling {args.teacher_logits_sampling}: allowed {', '.join(records.SAMPLINGS)}")
     if getattr(args, "teacher_logits", None):
         raise UsageError("--teacher_logits: a recording runs the teacher itself; leave it out")
     if getattr(args, "teacher_bits", None):
@@ -98,13 +101,14 @@ def make_identity(args, teacher_pass: records.TeacherPass, teacher) -> dict:
     """What the records depend on. `teacher` and `data` are for people; the rest is compared
     when a shard resumes, and `settings` and the parts' fingerprints when a student reads them."""
     tp = teacher_pass
+    fingerprints = {id(examples): records.fingerprint(examples) for _, _, examples in tp.parts}  # epochs share examples
     return {
         "job": args.job, "teacher": args.teacher, "teacher_config_sha256": records.config_hash(tp.config),
         "teacher_weights_sha256": records.weights_fingerprint(teacher), "tokenizer_sha256": records.tokenizer_hash(tp.tokenizer),
         "vocab": tp.vocab, "top_k": args.top_k, "teacher_logits_sampling": args.teacher_logits_sampling,
         "log_prob_dtype": args.log_prob_dtype, "seed": args.seed,
         "settings": {"--teacher_logits_sampling": args.teacher_logits_sampling, "--temperature": args.temperature} | tp.settings,
-        "parts": [{"split": split, "epoch": epoch, "examples": len(examples), "sha256": records.fingerprint(examples)}
+        "parts": [{"split": split, "epoch": epoch, "examples": len(examples), "sha256": fingerprints[id(examples)]}
                   for split, epoch, examples in tp.parts],
         "data": tp.data,
     }
@@ -161,15 +165,25 @@ def pieces(lengths: list[int], size: int) -> list[tuple[int, int]]:
     return out + ([(lo, end)] if end > lo else [])
 
 
+def shard_items(parts: list, lo: int, hi: int):
+    """(record index, epoch, index in its split, example) of records lo..hi-1, each example read
+    when its batch is made (a memory-mapped corpus, recorded for several epochs, stays on disk)."""
+    start = 0
+    for _, epoch, examples in parts:
+        for i in range(max(lo - start, 0), min(hi - start, len(examples))):
+            yield start + i, epoch or 0, i, examples[i]
+        start += len(examples)
+
+
 @torch.inference_mode()
-def record_examples(teacher, items: list[tuple[int, int, int, object]], tp: records.TeacherPass, args, device, desc: str) -> dict:
-    """The shard's arrays (sitra.records layout) from teacher forwards over `items`: (record
-    index, epoch, index in its split, example), collated as the job collates them in that epoch."""
+def record_examples(teacher, items, n_items: int, tp: records.TeacherPass, args, device, desc: str) -> dict:
+    """The shard's arrays (sitra.records layout) from teacher forwards over `items` (shard_items),
+    collated as the job collates them in their epoch."""
     head, k, vocab = tp.head(teacher), args.top_k, tp.vocab
     parts = {"ids": [], "logp": [], "rest": [], "counts": [], "entries": []}
     lengths = []
-    batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
-    for batch in progress_bar(iterable=batches, total=len(batches), desc=desc, unit="batch"):
+    batches = iter(lambda: list(itertools.islice(items, args.batch_size)), [])
+    for batch in progress_bar(iterable=batches, total=-(-n_items // args.batch_size), desc=desc, unit="batch"):
         collated = tp.collate([x for *_, x in batch], [example_generator(args.seed, epoch, i) for _, epoch, i, _ in batch])
         collated = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in collated.items()}
         scored = tp.scored(collated)
@@ -212,7 +226,6 @@ def run(args) -> Path:
     identity = make_identity(args, tp, teacher)
     folder = Path(args.output)
     index = open_output(folder, identity, args.num_shards, tp)
-    everything = [(epoch, i, x) for _, epoch, examples in tp.parts for i, x in enumerate(examples)]
     info = index["shards"][args.shard]
     path = folder / info["file"]
     name = args.run_name or f"{JOB}_{args.job}_shard{args.shard}of{args.num_shards}"
@@ -222,8 +235,8 @@ def run(args) -> Path:
             print(f"shard {args.shard} of {args.num_shards} is recorded already: {path}")
         else:
             lo, hi = info["examples"]
-            items = [(lo + j, epoch or 0, i, x) for j, (epoch, i, x) in enumerate(everything[lo:hi])]
-            arrays = record_examples(teacher, items, tp, args, device, desc=f"recording shard {args.shard}/{args.num_shards}")
+            arrays = record_examples(teacher, shard_items(tp.parts, lo, hi), hi - lo, tp, args, device,
+                                     desc=f"recording shard {args.shard}/{args.num_shards}")
             records.write_shard(path, arrays, {"identity_sha256": index["identity_sha256"], "shard": args.shard,
                                                "num_shards": args.num_shards, "examples": hi - lo,
                                                "tokens": int(arrays["example_offsets"][-1])})
