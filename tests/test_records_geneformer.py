@@ -40,22 +40,11 @@ def distill(teacher, corpus, storage, **kw):
     return distill_geneformer.run(distill_args(teacher, corpus, storage, **kw))
 
 
-@pytest.fixture(scope="module")
-def teacher_without_dropout(tmp_path_factory):
-    """test_geneformer's teacher with dropout 0, which its students inherit: a student's dropout
-    stream derives from its flags, so an online run and a records run would drop different units."""
-    from transformers import BertForMaskedLM
-
-    folder = save_teacher(tmp_path_factory.mktemp("teacher_without_dropout"))
-    BertForMaskedLM.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(folder)
-    return folder
-
-
-def test_records_of_every_gene_give_the_online_losses_over_two_epochs(teacher_without_dropout, corpus, tmp_path, monkeypatch):
+def test_records_of_every_gene_give_the_online_losses_over_two_epochs(teacher, corpus, tmp_path, monkeypatch):
     """k = V in float32: the training and held-out losses of every step equal online
     distillation's, in both epochs (each epoch's masks have their own records), though the
-    recording read the cells in batches of 5 and the student in length-grouped batches of 16."""
-    teacher = teacher_without_dropout
+    recording read the cells in batches of 5 and the student in length-grouped batches of 16. The
+    student keeps its dropout: it draws the same with a live or a recorded teacher."""
     two_epochs = dict(epochs=2, max_steps=0, batch_size=16, eval_steps=6)  # 192 training cells: 12 steps an epoch
     online = read_log(distill(teacher, corpus, tmp_path / "online", **two_epochs).log_path)
     record(teacher, corpus, tmp_path / "rec", log_prob_dtype="float32", **two_epochs | {"batch_size": 5})
