@@ -128,7 +128,7 @@ def fingerprint(examples) -> str:
             for v in x:
                 feed(v)
         elif isinstance(x, (int, float, str, np.integer, np.floating)) or x is None:
-            h.update(repr(x).encode() + b";")
+            h.update(repr(x.item() if isinstance(x, np.generic) else x).encode() + b";")  # np.int64(1) as 1
         else:  # a sequence of ids: list, array or tensor
             a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
             h.update(np.int64(a.size).tobytes())

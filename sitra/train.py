@@ -204,7 +204,7 @@ class Trainee:
 
 
 # where the teacher's outputs come from (live or recorded) does not change what the student draws
-TEACHER_SOURCE = ("teacher_logits", "teacher_logits_sampling")
+TEACHER_SOURCE = ("teacher", "teacher_logits", "teacher_logits_sampling")
 
 
 def random_stream(seed: int, config: dict, rank: int) -> dict:

@@ -90,9 +90,10 @@ def check(args: DistillClassifierArgs):
         if declared is not None and declared != teacher_config.num_labels:
             raise UsageError(f"--student {args.student}: {declared} labels, the teacher has {teacher_config.num_labels}; "
                              "both must classify into the same labels")
-        if not has_tokenizer(args.student) and student_config.vocab_size < len(teacher_tokenizer(args, rec)):
+        teacher_ids = None if has_tokenizer(args.student) else len(teacher_tokenizer(args, rec))
+        if teacher_ids and student_config.vocab_size < teacher_ids:
             raise UsageError(f"--student {args.student}: has no tokenizer and its vocabulary ({student_config.vocab_size}) "
-                             f"is smaller than the teacher's tokenizer ({len(teacher_tokenizer(args, rec))})")
+                             f"is smaller than the teacher's tokenizer ({teacher_ids})")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
     if not args.temperature > 0:
@@ -113,13 +114,9 @@ def classifier_config(teacher: str):
 
 
 def check_records(args: DistillClassifierArgs) -> records.TeacherRecords:
-    """The records of --teacher_logits, refused where they cannot stand in for the teacher."""
-    if args.loss not in losses.RECORD_LOSSES:
-        raise UsageError(f"--loss {args.loss}: compares raw logits, which records do not keep; with --teacher_logits "
-                         f"allowed: {', '.join(losses.RECORD_LOSSES)}")
+    """The records of --teacher_logits, refused where they cannot stand in for the teacher (open_records
+    refuses a --loss they cannot serve)."""
     rec = records.open_records(args, JOB, record_settings(args))
-    if rec.sampling == "random" and args.loss != "forward_kl":
-        raise UsageError(f"--loss {args.loss}: sampled records (--teacher_logits_sampling random) estimate forward_kl only")
     if student_source(args) == "teacher_layers":
         raise UsageError(f"--student_init {args.student_init}: " + ("without --student " if args.student_init == "auto" else "")
                          + "copies the teacher's layers, which --teacher_logits leaves out; give --student (pretrained "
@@ -157,10 +154,10 @@ def teacher_pass(args: DistillClassifierArgs) -> records.TeacherPass:
     config, tokenizer = classifier_config(args.teacher), models.load_tokenizer(args.teacher)
     check_padding(tokenizer, "--teacher", args.teacher)
     splits = labelled_splits(args)
-    batches = classification_batches({"train": splits["train"]}, id2label_of(config), tokenizer, args.max_seq_length,
-                                     args.batch_size, args.seed)["train"]
+    train_batches = classification_batches({"train": splits["train"]}, id2label_of(config), tokenizer, args.max_seq_length,
+                                           args.batch_size, args.seed)["train"]
     return records.TeacherPass(
-        parts=[("train", None, teacher_examples(batches.examples))], collate=batches.collate, scored=one_position,
+        parts=[("train", None, teacher_examples(train_batches.examples))], collate=train_batches.collate, scored=one_position,
         load_teacher=lambda device: models.load_model(args.teacher, device, auto=AutoModelForSequenceClassification),
         features=lambda teacher, batch: teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, None],
         head=lambda teacher: torch.nn.Identity(), tokenizer=tokenizer, config=config, vocab=config.num_labels,
@@ -303,10 +300,10 @@ def record_lines(args: DistillClassifierArgs, rec: records.TeacherRecords | None
         return []
     held = (f"its log-probabilities of all {rec.vocab} labels" if rec.sampling == "top_k" and rec.k == rec.vocab
             else f"its top-{rec.k} label log-probabilities and the missing mass" if rec.sampling == "top_k"
-            else f"{rec.k} labels drawn from it (an unbiased estimate of the forward KL)")
-    return [f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}` ({held} at temperature "
-            f"{args.temperature} for every training example); the teacher was never loaded while training, so the "
-            "results have no teacher column"]
+            else f"the distinct labels of {rec.k} draws from it with their counts, an unbiased estimate of the forward KL")
+    return [f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}`: {held}, at temperature "
+            f"{args.temperature}, for every training example; the teacher was never loaded while training (no teacher "
+            "column below)"]
 
 
 ARGS = DistillClassifierArgs

@@ -39,7 +39,7 @@ RECORDABLE = ("distill_pythia", "distill_classifier", "distill_summarizer", "dis
 class RecordFields:
     job: str = field(default="distill_pythia", metadata={"help": f"the distillation job whose teacher is recorded: {', '.join(RECORDABLE)}"})
     output: str = field(metadata={"help": "records folder (the index, the tokenizer and every shard go here)"})
-    top_k: int = field(default=64, metadata={"help": "ids recorded per position (random: draws per position)"})
+    top_k: int = field(default=64, metadata={"help": "ids recorded per position, at most the vocabulary (random: draws per position)"})
     teacher_logits_sampling: Literal[records.SAMPLINGS] = field(default="top_k", metadata={
         "help": "top_k: the k most likely ids and the rest mass; random: k draws from the teacher (unbiased gradients)"})
     log_prob_dtype: Literal["float16", "float32"] = field(default="float16", metadata={
@@ -90,9 +90,11 @@ def check(args) -> records.TeacherPass:
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output}: not a folder")
     teacher_pass = importlib.import_module(f"sitra.recipes.{args.job}").teacher_pass(args)
-    if not 1 <= args.top_k <= teacher_pass.vocab:
+    if args.teacher_logits_sampling == "top_k" and not 1 <= args.top_k <= teacher_pass.vocab:
         raise UsageError(f"--top_k {args.top_k}: the teacher's vocabulary has {teacher_pass.vocab:,} ids; "
                          f"allowed 1-{teacher_pass.vocab:,}")
+    if not 1 <= args.top_k < 2**16:  # random: draws per position, counted in 16 bits at most
+        raise UsageError(f"--top_k {args.top_k}: draws per position; allowed 1-65535")
     models.pick_device(args.device)
     return teacher_pass
 
@@ -204,7 +206,7 @@ def record_examples(teacher, items, n_items: int, tp: records.TeacherPass, args,
         lengths += n_scored
     cat = {key: np.concatenate(v) if v else np.zeros(0) for key, v in parts.items()}
     dtype = np.float16 if args.log_prob_dtype == "float16" else np.float32
-    small = np.uint8 if k < 256 else np.uint16 if k < 65536 else np.uint32
+    small = np.uint8 if k < 256 else np.uint16
     arrays = {"example_offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
               "ids": records.pack_ids(cat["ids"].astype(np.int64), records.id_bits(vocab)),
               "logp": cat["logp"].astype(dtype)}
