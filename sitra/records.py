@@ -105,6 +105,24 @@ def open_records(args, job: str, settings: dict) -> "TeacherRecords":
     return rec
 
 
+def name_suffix(rec: "TeacherRecords | None") -> str:
+    """What a distillation job adds to its run name: a records run never shares a folder with an online one."""
+    return f"_records-{rec.sampling}{rec.k}" if rec else ""
+
+
+def card_line(rec: "TeacherRecords", where: str, drawn: str = "tokens") -> str:
+    """The model card's sentence on a recorded teacher: what the records hold at `where` (e.g.
+    'every token'; `drawn` names what the teacher's draws are) and that it was never loaded."""
+    if rec.sampling == "random":
+        held = f"the distinct {drawn} of {rec.k} draws from it with their counts, an unbiased estimate of the forward KL"
+    elif rec.k >= rec.vocab:
+        held = f"all its {rec.vocab} log-probabilities"
+    else:
+        held = f"its top-{rec.k} log-probabilities and the missing mass"
+    return (f"Teacher: recorded once by `jobs/record_teacher.py` in `{rec.folder}` ({held}, at temperature "
+            f"{rec.identity['settings']['--temperature']:g}) at {where}; the teacher was never loaded while training.")
+
+
 # ---------------------------------------------------------------------------------------------
 # identity
 
@@ -458,7 +476,7 @@ class RecordCollator:
         return batch | {"example_index": torch.tensor(indices), **self.records.lookup(indices, self.scored(batch))}
 
 
-class indexed:
+class Indexed:
     """(index in the split, example) pairs for RecordCollator (which adds the split's offset),
     read on demand like the examples themselves: a memory-mapped corpus stays on disk."""
 

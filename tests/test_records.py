@@ -413,7 +413,7 @@ def test_record_batches_follow_their_examples_under_data_parallel_sharding(lms, 
     rec = records.TeacherRecords(tmp_path / "rec")
     train, _ = corpus(lms)
     collate = records.RecordCollator(CausalCollator(0), rec, lambda b: shifted(b)[0], rec.offsets("train"))
-    whole = Batches(records.indexed(train), 6, collate, seed=3)
+    whole = Batches(records.Indexed(train), 6, collate, seed=3)
     for rank in (0, 1):
         for batch in whole.shard(rank, 2).epoch(1):
             for row, index in enumerate(batch["example_index"].tolist()):
@@ -439,7 +439,7 @@ def test_a_batch_loss_from_records_with_k_equal_v_is_the_online_loss(lms, tmp_pa
     values = {}
     for name in ("full", "few"):
         rec = records.TeacherRecords(tmp_path / name)
-        batch = next(Batches(records.indexed(train), 8, records.RecordCollator(CausalCollator(0), rec, lambda b: shifted(b)[0]), seed=0).epoch(0))
+        batch = next(Batches(records.Indexed(train), 8, records.RecordCollator(CausalCollator(0), rec, lambda b: shifted(b)[0]), seed=0).epoch(0))
         scored, _ = shifted(batch)
         flat = scored.reshape(-1)
         h = final_hidden(student, batch).last_hidden_state[:, :-1].reshape(flat.numel(), -1)
@@ -503,7 +503,7 @@ def test_top_k_and_sampled_records_train_and_say_so_in_the_model_card(lms, tmp_p
     record(lms, tmp_path / "sampled", top_k=8, teacher_logits_sampling="random")
     never_load_the_teacher(monkeypatch)
     for folder, sampling, words in (("top", "top_k", "top-8 log-probabilities and the missing mass"),
-                                    ("sampled", "random", "8 tokens drawn from it")):
+                                    ("sampled", "random", "the distinct tokens of 8 draws from it")):
         run = distill(lms, tmp_path / folder, teacher_logits=str(tmp_path / folder), teacher_logits_sampling=sampling,
                       alpha=0.0, max_steps=30, eval_steps=15, lr=1e-2)
         evals = read_log(run.log_path)["eval"]["eval_loss"]  # alpha 0: the recorded KD term alone

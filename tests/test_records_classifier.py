@@ -121,7 +121,7 @@ def test_top_k_and_sampled_records_train_and_say_so_in_the_model_card(sst, stude
     record(sst, tmp_path / "top", top_k=1)
     record(sst, tmp_path / "sampled", top_k=2, teacher_logits_sampling="random")  # draws: at most the labels
     never_load_the_teacher(monkeypatch, sst["teacher"])
-    for folder, words in (("top", "its top-1 label log-probabilities and the missing mass"),
+    for folder, words in (("top", "its top-1 log-probabilities and the missing mass"),
                           ("sampled", "the distinct labels of 2 draws from it with their counts")):
         run = distill(sst, tmp_path / folder, teacher=None, teacher_logits=str(tmp_path / folder), student=students["config"],
                       student_init="auto", alpha=0.0, max_steps=40, eval_steps=20)

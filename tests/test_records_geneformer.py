@@ -71,7 +71,7 @@ def test_top_k_and_sampled_records_train_and_say_so_in_the_model_card(teacher, c
     record(teacher, corpus, tmp_path / "sampled", top_k=8, sampling="random")
     never_load_the_teacher(monkeypatch)
     for folder, sampling, words in (("top", "top_k", "its top-8 log-probabilities and the missing mass"),
-                                    ("sampled", "random", "8 genes drawn from it")):
+                                    ("sampled", "random", "the distinct genes of 8 draws from it")):
         run = distill(None, corpus, tmp_path / folder, teacher_logits=str(tmp_path / folder), alpha=1.0)
         log = read_log(run.log_path)
         evals = log["eval"]["eval_loss"]  # alpha 1: the recorded KL term alone

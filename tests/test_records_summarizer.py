@@ -69,7 +69,7 @@ def test_top_k_and_sampled_records_train_and_say_so_in_the_model_card(lms, tmp_p
     record(lms, tmp_path / "sampled", top_k=64, teacher_logits_sampling="random")  # 8 draws: too noisy to fall in 16 steps
     never_load_the_teacher(monkeypatch, lms["teacher"])
     for folder, sampling, words in (("top", "top_k", "top-8 log-probabilities and the missing mass"),
-                                    ("sampled", "random", "64 tokens drawn from it")):
+                                    ("sampled", "random", "the distinct tokens of 64 draws from it")):
         run = distill(lms, tmp_path / f"student_{folder}", teacher=None, teacher_logits=str(tmp_path / folder),
                       teacher_logits_sampling=sampling, alpha=0.0, generation_examples=2)
         evals = read_log(run.log_path)["eval"]["eval_loss"]  # alpha 0: the recorded KD term alone

@@ -235,11 +235,11 @@ def run(args: DistillClassifierArgs):
     if rec:
         plain = batches["train"]
         rec.check_data("train", teacher_examples(plain.examples), "training examples")
-        batches["train"] = data.Batches(records.indexed(plain.examples), args.batch_size,
+        batches["train"] = data.Batches(records.Indexed(plain.examples), args.batch_size,
                                         records.RecordCollator(plain.collate, rec, one_position, rec.offsets("train")), seed=args.seed)
     student_name = f"{source}{layers}" if source == "teacher_layers" else f"{source}_{Path(args.student).name}"
     run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
-                            + (f"_records-{rec.sampling}{rec.k}" if rec else ""))
+                            + records.name_suffix(rec))
     device = models.pick_device(args.device)
     seed_everything(args.seed)
     teacher, teacher_info, prefix = None, {}, "" if same_tokens else "teacher_"
@@ -283,7 +283,7 @@ def run(args: DistillClassifierArgs):
                 f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
                [f"Loss: alpha * CE(labels) + (1 - alpha) * T^2 * {divergence}(teacher_T || student_T), alpha = {args.alpha}, "
                 f"T = {args.temperature}; dynamic padding",
-                *record_lines(args, rec),
+                *([records.card_line(rec, "every training example (no teacher column below)", "labels")] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the best validation {args.select_on} (step {progress.best_step}); the test split, where given, "
                 "is evaluated once with it", *lowbit.card_lines(output, ternary, teacher_info)],
@@ -292,18 +292,6 @@ def run(args: DistillClassifierArgs):
     print(text)
     print(f"distilled student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
     return run_
-
-
-def record_lines(args: DistillClassifierArgs, rec: records.TeacherRecords | None) -> list[str]:
-    """The model card's word on a recorded teacher: what the records hold and where."""
-    if not rec:
-        return []
-    held = (f"its log-probabilities of all {rec.vocab} labels" if rec.sampling == "top_k" and rec.k == rec.vocab
-            else f"its top-{rec.k} label log-probabilities and the missing mass" if rec.sampling == "top_k"
-            else f"the distinct labels of {rec.k} draws from it with their counts, an unbiased estimate of the forward KL")
-    return [f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}`: {held}, at temperature "
-            f"{args.temperature}, for every training example; the teacher was never loaded while training (no teacher "
-            "column below)"]
 
 
 ARGS = DistillClassifierArgs

@@ -307,16 +307,16 @@ def run(args: DistillGeneformerArgs):
         rec.check_data("train", train_cells, "training cells")
         rec.check_data("validation", eval_cells, "validation cells")
         collate = records.RecordCollator(collate, rec, masked_positions, rec.offsets("train"))
-        kd_batches = Batches(records.indexed(eval_cells), args.batch_size, shuffle=False, seed=args.seed,
+        kd_batches = Batches(records.Indexed(eval_cells), args.batch_size, shuffle=False, seed=args.seed,
                              collate=records.RecordCollator(eval_batches.collate, rec, masked_positions, rec.offsets("validation")))
-    train_examples = records.indexed(train_cells) if rec else train_cells
+    train_examples = records.Indexed(train_cells) if rec else train_cells
     if args.group_by_length:
         train_batches = LengthGroupedBatches(train_examples, args.batch_size, collate, train_cells.lengths,
                                              seed=args.seed, group_size=args.length_group_size)
     else:
         train_batches = Batches(train_examples, args.batch_size, collate, seed=args.seed)
     name = (f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
-            + (f"_records-{rec.sampling}{rec.k}" if rec else ""))
+            + records.name_suffix(rec))
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
     seed_everything(args.seed)
@@ -397,7 +397,7 @@ def run(args: DistillGeneformerArgs):
             print(f"the compiled student saw {len(shapes)} distinct batch shapes")
         output = run_.checkpoint_dir / "model"
         card = model_card(args, table, config, len(train_cells), len(eval_cells),
-                          teacher_lines(args, rec) + lowbit.card_lines(output, ternary, teacher_info))
+                          teacher_lines(rec) + lowbit.card_lines(output, ternary, teacher_info))
         save_student(student, output, card)
         log.complete(final)
     print(format_table(table, gap=gap(table)))
@@ -410,15 +410,11 @@ def gap(table: dict) -> tuple[str, str] | None:
     return ("Student", "Teacher") if "Teacher" in table else None
 
 
-def teacher_lines(args: DistillGeneformerArgs, rec: records.TeacherRecords | None) -> list[str]:
-    """Model-card sentence on a recorded teacher: what the records hold and where."""
+def teacher_lines(rec: records.TeacherRecords | None) -> list[str]:
     if rec is None:
         return []
-    held, kl = ((f"its top-{rec.k} log-probabilities and the missing mass", f"the KL is taken on those {rec.k} genes and the rest")
-                if rec.sampling == "top_k" else (f"{rec.k} genes drawn from it", "an unbiased estimate of the KL"))
     epochs = len(rec.parts("train"))
-    return [f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}`: {held} at every masked gene, "
-            f"with the masks of {epochs} training epoch{'s' if epochs > 1 else ''} ({kl}); the teacher was never loaded while training."]
+    return [records.card_line(rec, f"every masked gene, with the masks of {epochs} training epoch{'s' if epochs > 1 else ''}", "genes")]
 
 
 def save_student(student, output: Path, card: str):

@@ -225,7 +225,7 @@ def run(args: DistillLMArgs):
         scored = lambda batch: data.shifted(batch)[0]  # noqa: E731
         train_collate = records.RecordCollator(collate, rec, scored, rec.offsets("train"))
         eval_collate = records.RecordCollator(collate, rec, scored, rec.offsets("eval"))
-        train_examples, eval_examples = records.indexed(train_ids), records.indexed(eval_ids)
+        train_examples, eval_examples = records.Indexed(train_ids), records.Indexed(eval_ids)
     else:
         train_collate = eval_collate = data.CausalCollator(tokenizer.pad_token_id)
         train_examples, eval_examples = train_ids, eval_ids
@@ -237,7 +237,7 @@ def run(args: DistillLMArgs):
     windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
     name = (f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")
             + lowbit.name_suffix(args)
-            + (f"_records-{rec.sampling}{rec.k}" if rec else "") + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
+            + records.name_suffix(rec) + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
     run_ = results.open_run(args, name)
     device = models.pick_device(args.device)
     seed_everything(args.seed)
@@ -431,10 +431,7 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: 
 def teacher_lines(args: DistillLMArgs, rec: records.TeacherRecords | None) -> list[str]:
     lines = []
     if rec:
-        held = (f"its top-{rec.k} log-probabilities and the missing mass" if rec.sampling == "top_k"
-                else f"{rec.k} tokens drawn from it (an unbiased estimate of the forward KL)")
-        lines.append(f"- Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}` ({held} at every "
-                     "token); the teacher was never loaded while training.")
+        lines.append(f"- {records.card_line(rec, 'every token')}")
     if args.on_policy_fraction:
         lines.append(f"- On-policy: {args.on_policy_fraction:.0%} of the batches were the student's own continuations "
                      f"({args.max_new_tokens} tokens sampled at temperature {args.sampling_temperature} from the batch's "

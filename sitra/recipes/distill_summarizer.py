@@ -267,7 +267,7 @@ def run(args: DistillSummarizerArgs):
         rec.check_data("train", examples["train"], "training pairs")
         rec.check_data("validation", examples["validation"], "validation pairs")
         collates = {split: records.RecordCollator(collate, rec, scored_positions, rec.offsets(split)) for split in LOSS_SPLITS}
-        examples = {split: records.indexed(examples[split]) for split in LOSS_SPLITS}
+        examples = {split: records.Indexed(examples[split]) for split in LOSS_SPLITS}
     if setup.vocab_notice:
         print(setup.vocab_notice)
     train_batches = data.Batches(examples["train"], args.batch_size, collates["train"], seed=args.seed)
@@ -275,7 +275,7 @@ def run(args: DistillSummarizerArgs):
     layers = setup.layers
     student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
     run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
-                            + (f"_records-{rec.sampling}{rec.k}" if rec else ""))
+                            + records.name_suffix(rec))
     device = models.pick_device(args.device)
     seed_everything(args.seed)
     teacher = None
@@ -327,7 +327,8 @@ def run(args: DistillSummarizerArgs):
                 f"Loss on summary tokens and the EOS only: alpha * CE + (1 - alpha) * T^2 * {args.loss}(teacher_T || "
                 f"student_T), alpha = {args.alpha}, T = {args.temperature}"
                 + (f", JSD beta {args.jsd_beta}" if args.loss == "jsd" else ""),
-                *([records_line(args, rec)] if rec else []),
+                *([records.card_line(rec, "every summary token and the EOS; the results have no teacher row (it needs the "
+                                        "teacher's generations)")] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the lowest validation loss (step {progress.best_step})",
                 f"Evaluation: greedy generation, at most {args.max_new_tokens} new tokens; {rouge_config()}; "
@@ -338,15 +339,6 @@ def run(args: DistillSummarizerArgs):
     print(text)
     print(f"distilled summarizer: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
     return run_
-
-
-def records_line(args, rec: records.TeacherRecords) -> str:
-    """The model card's word on a recorded teacher: what the records hold, where, and what it means for the table."""
-    held = (f"its top-{rec.k} log-probabilities and the missing mass" if rec.sampling == "top_k"
-            else f"{rec.k} tokens drawn from it, an unbiased estimate of the forward KL,")
-    return (f"Teacher: recorded once by `jobs/record_teacher.py` in `{args.teacher_logits}`: {held} at every summary "
-            "token and the EOS. The teacher was never loaded while training, so the results have no teacher row "
-            "(it needs the teacher's generations)")
 
 
 def pick(items: list, n: int) -> list:
