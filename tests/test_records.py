@@ -203,6 +203,20 @@ def test_bad_recording_flags_are_one_line_errors(lms, tmp_path, flags, message, 
     assert not (tmp_path / "rec").exists()  # refused before any compute
 
 
+def test_record_teacher_takes_the_flags_of_its_job(lms, tmp_path, capsys):
+    """--job picks the flags: a Geneformer flag is refused for distill_pythia, an unknown job is one line."""
+    for argv, message in ((["--job", "nope", "--output", str(tmp_path / "rec")],
+                           "--job nope: allowed distill_pythia, distill_classifier, distill_summarizer, distill_geneformer"),
+                          (["--job", "distill_pythia", "--output", str(tmp_path / "rec"), "--max_eval_cells", "5"],
+                           "unrecognized arguments: --max_eval_cells 5")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            record_teacher.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert record_teacher.args_class(["--job", "distill_classifier"]) is record_teacher.RECORD_ARGS["distill_classifier"]
+
+
 def test_record_teacher_script_prints_bytes_per_token(lms, tmp_path):
     d = lms["dir"]
     out = job("record_teacher.py", "--teacher", lms["teacher"], "--output", str(tmp_path / "rec"), "--train_file",
