@@ -250,19 +250,28 @@ def test_launcher_expands_a_shard_sweep(lms, tmp_path, monkeypatch):
     assert records.TeacherRecords(tmp_path / "rec").positions() > 0
 
 
-@pytest.mark.skipif("record_teacher" not in __import__("sitra.recipes", fromlist=["JOBS"]).JOBS,
-                    reason="record_teacher is not registered in sitra.recipes.JOBS yet")
 def test_launcher_array_over_shards(lms, tmp_path):
+    """One array task a shard, on the SLURM cluster where it runs (else locally): together they
+    are the records one task makes."""
+    from test_launch import slurm_ready
+
     from sitra.launch import LaunchArgs, launch, wait
 
     d = lms["dir"]
     argv = ["--teacher", lms["teacher"], "--output", str(tmp_path / "rec"), "--train_file", str(d / "train.txt"),
             "--eval_file", str(d / "eval.txt"), "--max_seq_length", "32", "--top_k", "8", "--device", "cpu",
-            "--num_shards", "2"]
-    jobs, manifest = launch("record_teacher", argv, LaunchArgs(storage_directory=str(tmp_path), cluster="local", time="30",
-                                                               cpus_per_task=1, mem_gb=2, sweep=[["shard=0,1"]]))
+            "--num_shards", "2", "--batch_size", "8"]
+    cluster = "slurm" if slurm_ready() else "local"
+    jobs, _ = launch("record_teacher", argv, LaunchArgs(storage_directory=str(tmp_path), cluster=cluster, time="30",
+                                                        cpus_per_task=1, mem_gb=2, sweep=[["shard=0,1"]]))
     assert len(jobs) == 2 and not any(wait(jobs).values())
-    assert records.TeacherRecords(tmp_path / "rec").positions() > 0
+    record(lms, tmp_path / "one", top_k=8)
+    one, two = records.TeacherRecords(tmp_path / "one"), records.TeacherRecords(tmp_path / "rec")
+    assert len(two.index["shards"]) == 2 and two.positions() == one.positions() > 0
+    n = len(one.split("train")) + len(one.split("eval"))
+    for i in range(n):
+        a, b = one.example(i), two.example(i)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), i
 
 
 # ---------------------------------------------------------------------------------------------
