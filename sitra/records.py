@@ -34,7 +34,7 @@ import json
 import os
 from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +74,14 @@ class TeacherPass:
     tokenizer: object
     config: object
     vocab: int
-    settings: dict
     data: str
+    settings: dict = field(default_factory=dict)
 
 
-def open_records(args, job: str, settings: dict) -> "TeacherRecords":
+def open_records(args, job: str, settings: dict | None = None) -> "TeacherRecords":
     """The records of `args.teacher_logits` for a student of `job`, refused (one line) where they
     cannot stand in for its teacher: a --loss they cannot serve (raw logits; sampled records serve
-    forward KL only), another job, teacher, sampling or setting."""
+    forward KL only), another job, teacher, sampling, --temperature or other setting of the job's."""
     from sitra.losses import RECORD_LOSSES
 
     loss = getattr(args, "loss", "forward_kl")
@@ -101,8 +101,14 @@ def open_records(args, job: str, settings: dict) -> "TeacherRecords":
                          "leave --teacher out")
     if getattr(args, "teacher_bits", None):
         raise UsageError(f"--teacher_bits {args.teacher_bits}: with --teacher_logits the teacher is not loaded")
-    rec.check({"--teacher_logits_sampling": args.teacher_logits_sampling or rec.sampling} | settings)
+    rec.check({"--teacher_logits_sampling": args.teacher_logits_sampling or rec.sampling, "--temperature": args.temperature}
+              | (settings or {}))
     return rec
+
+
+def with_recorded_teacher(args, rec: "TeacherRecords"):
+    """args naming the recorded teacher and what the records hold, for the run's log and model card."""
+    return dataclasses.replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
 
 
 def name_suffix(rec: "TeacherRecords | None") -> str:

@@ -5,7 +5,7 @@ table: teacher, student before KD and student after KD (accuracy, macro-F1, para
 The student can be ternary (1.58-bit) and the teacher 8-bit, or the teacher recorded once
 (--teacher_logits: its label log-probabilities for every training example, never loaded here)."""
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -116,17 +116,12 @@ def classifier_config(teacher: str):
 def check_records(args: DistillClassifierArgs) -> records.TeacherRecords:
     """The records of --teacher_logits, refused where they cannot stand in for the teacher (open_records
     refuses a --loss they cannot serve)."""
-    rec = records.open_records(args, JOB, record_settings(args))
+    rec = records.open_records(args, JOB)
     if student_source(args) == "teacher_layers":
         raise UsageError(f"--student_init {args.student_init}: " + ("without --student " if args.student_init == "auto" else "")
                          + "copies the teacher's layers, which --teacher_logits leaves out; give --student (pretrained "
                          "or config)")
     return rec
-
-
-def record_settings(args: DistillClassifierArgs) -> dict:
-    """The flags the records depend on besides the examples themselves."""
-    return {"--temperature": args.temperature}
 
 
 def teacher_tokenizer(args: DistillClassifierArgs, rec: records.TeacherRecords | None):
@@ -161,7 +156,7 @@ def teacher_pass(args: DistillClassifierArgs) -> records.TeacherPass:
         load_teacher=lambda device: models.load_model(args.teacher, device, auto=AutoModelForSequenceClassification),
         features=lambda teacher, batch: teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, None],
         head=lambda teacher: torch.nn.Identity(), tokenizer=tokenizer, config=config, vocab=config.num_labels,
-        settings=record_settings(args), data=args.train_file or f"{args.dataset_dir} (train)")
+        data=args.train_file or f"{args.dataset_dir} (train)")
 
 
 def id2label_of(config) -> dict:
@@ -221,7 +216,7 @@ def make_student(args, source: str, layers: int, teacher, id2label: dict, device
 def run(args: DistillClassifierArgs):
     teacher_config, source, layers, rec = check(args)
     if rec:  # the card and the log name the recorded teacher and what the records hold
-        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+        args = records.with_recorded_teacher(args, rec)
     id2label = id2label_of(teacher_config)
     splits = labelled_splits(args)
     teacher_tok = teacher_tokenizer(args, rec)

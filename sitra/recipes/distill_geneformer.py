@@ -8,7 +8,7 @@ import copy
 import json
 import math
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -187,7 +187,7 @@ def check(args: DistillGeneformerArgs) -> Setup:
 def record_settings(args: DistillGeneformerArgs) -> dict:
     """The flags the records depend on besides the cells themselves: the temperature and every
     flag of the masks (which are drawn from --seed, the epoch and the cell's index)."""
-    return {"--temperature": args.temperature, "--seed": args.seed, "--mlm_probability": args.mlm_probability,
+    return {"--seed": args.seed, "--mlm_probability": args.mlm_probability,
             "--mask_token_id": args.mask_token_id, "--special_token_ids": list(args.special_token_ids)}
 
 
@@ -298,7 +298,7 @@ def run(args: DistillGeneformerArgs):
     setup = check(args)
     rec, cells, config = setup.records, setup.cells, setup.student_config
     if rec:  # the card and the log name the recorded teacher and what the records hold
-        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+        args = records.with_recorded_teacher(args, rec)
     train_cells, eval_cells, eval_batches = setup.train_cells, setup.eval_cells, setup.eval_batches
     buckets = bucket_sizes(cells["max_length"], args.bucket_sizes) if args.compile else None
     collate = BucketedMLMCollator(*masking(cells, args), buckets=buckets) if buckets else MLMCollator(*masking(cells, args))

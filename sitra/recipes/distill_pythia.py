@@ -3,7 +3,7 @@ shares a tokenizer): L = (1 - alpha) * T^2 * D_T(teacher || student) + alpha * C
 loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
 8-bit teacher, a teacher recorded once (--teacher_logits), on-policy batches, and a model card."""
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -172,8 +172,7 @@ class Distillation(nn.Module):
 
 def record_settings(args: DistillLMArgs) -> dict:
     """The flags the records depend on besides the data itself."""
-    return {"--temperature": args.temperature, "--max_seq_length": args.max_seq_length, "--packing": args.packing,
-            "--percentage_data": args.percentage_data}
+    return {"--max_seq_length": args.max_seq_length, "--packing": args.packing, "--percentage_data": args.percentage_data}
 
 
 def load_corpus(args: DistillLMArgs, tokenizer) -> tuple[list, list]:
@@ -213,7 +212,7 @@ def run(args: DistillLMArgs):
     setup = check(args)
     rec = setup.records
     if rec:  # the card and the log name the recorded teacher and what the records hold
-        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+        args = records.with_recorded_teacher(args, rec)
     tokenizer = rec.tokenizer() if rec else models.load_tokenizer(args.teacher)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -6,7 +6,7 @@ scored with ROUGE-1/2/L (rouge-score, stemming on). The student can be ternary (
 teacher 8-bit, or the teacher recorded once (record_teacher --job distill_summarizer) and replaced by
 its records (--teacher_logits): then it is never loaded and the ROUGE table has no teacher row."""
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -149,17 +149,11 @@ def check(args: DistillSummarizerArgs) -> Setup:
 def check_records(args: DistillSummarizerArgs) -> records.TeacherRecords:
     """The records of --teacher_logits (open_records refuses a --loss they cannot serve), refused
     where they cannot stand in for the teacher."""
-    rec = records.open_records(args, JOB, record_settings(args))
+    rec = records.open_records(args, JOB)
     if args.student_init == "teacher_layers":
         raise UsageError("--student_init teacher_layers: copies the teacher's weights, which --teacher_logits leaves out; "
                          "use pretrained with --student")
     return rec
-
-
-def record_settings(args) -> dict:
-    """The flags the records depend on besides the examples themselves (their fingerprints cover
-    the data, template and length flags)."""
-    return {"--temperature": args.temperature}
 
 
 def summary_pairs(args, tokenizer) -> dict[str, tuple[list[list[int]], list[str], list[list[int]], str]]:
@@ -199,7 +193,7 @@ def teacher_pass(args) -> records.TeacherPass:
         load_teacher=lambda device: models.load_model(args.teacher, device, auto=AutoModelForCausalLM),
         features=lambda teacher, batch: final_hidden(teacher, batch).last_hidden_state[:, :-1], head=lm_head,
         tokenizer=tokenizer, config=config, vocab=min(max(tokenizer.get_vocab().values()) + 1, config.vocab_size),
-        settings=record_settings(args), data=args.dataset_dir or f"{args.train_file} (validation: "
+        data=args.dataset_dir or f"{args.train_file} (validation: "
         + (args.validation_file or f"{args.validation_from_train} pairs held out from it") + ")")
 
 
@@ -258,7 +252,7 @@ def run(args: DistillSummarizerArgs):
     setup = check(args)
     rec, tokenizer = setup.records, setup.tokenizer
     if rec:  # the card and the log name the recorded teacher and what the records hold
-        args = replace(args, teacher=rec.identity["teacher"], teacher_logits_sampling=rec.sampling)
+        args = records.with_recorded_teacher(args, rec)
     pairs = summary_pairs(args, tokenizer)
     examples = {split: summary_examples(pairs, split, tokenizer.eos_token_id) for split in LOSS_SPLITS}
     collate = tasks.SummaryCollator(tokenizer.pad_token_id)
