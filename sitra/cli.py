@@ -9,9 +9,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-
-class UsageError(ValueError):
-    """Bad input from the user: the message names the flag and what is allowed."""
+from sitra.errors import Interrupted, UsageError
 
 
 class OneLineParser(HfArgumentParser):
@@ -47,21 +45,20 @@ def main(args_class, run, argv=None, positional: str | None = None, fused=None):
     fused=(FUSABLE, run_fused): comma lists given to those flags train the grid of them in one
     fused task (sitra.fuse).
     """
-    from sitra import distributed, fuse
-    from sitra.train import Interrupted
+    from sitra import fuse, runtime  # lazy: parsing --help must not import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
     grid = fuse.expand_argv(argv, fused[0]) if fused else None
     args = [parse(args_class, a, positional) for a in grid] if grid else parse(args_class, argv, positional)
     try:
-        distributed.setup()
+        runtime.setup()
         return fused[1](args) if grid else run(args)
     except UsageError as e:
         fail(str(e))
     except Interrupted as e:
         print(e)
     finally:
-        distributed.teardown()
+        runtime.teardown()
 
 
 def fail(message: str):

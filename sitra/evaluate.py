@@ -4,6 +4,7 @@ import time
 
 import torch
 
+from sitra import runtime
 from sitra.models.capture import last_hidden_state
 
 
@@ -53,7 +54,6 @@ def evaluate_models(models: dict, teacher_name: str, batches, device, desc="eval
     MLM metrics where a model has an MLM head; hidden-state fidelity to `models[teacher_name]`
     where the hidden sizes agree; forward time per real token (first batch untimed: warm-up).
     """
-    from sitra.train import progress_bar
 
     mlm = {n: MLMMetrics() for n, m in models.items() if hasattr(m, "cls")}
     teacher = models[teacher_name]
@@ -61,7 +61,7 @@ def evaluate_models(models: dict, teacher_name: str, batches, device, desc="eval
                 if m.config.hidden_size == teacher.config.hidden_size}
     seconds = {n: 0.0 for n in models}
     tokens = 0
-    for b, batch in enumerate(progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc)):
+    for b, batch in enumerate(runtime.progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc)):
         batch = {k: v.to(device) for k, v in batch.items()}
         token_mask = batch["attention_mask"].bool()
         tokens += int(token_mask.sum()) if b else 0  # the first batch warms up and is not timed
@@ -247,10 +247,9 @@ def masked_logits(model, batch, encoder=None):
 def evaluate_mlm(models: dict, batches, device, desc="evaluating") -> dict:
     """{name: MLM accuracy, top-5 accuracy, perplexity, masked tokens, parameters} of every model
     on the same masked batches (the same cells with the same masks for all)."""
-    from sitra.train import progress_bar
 
     metrics = {name: MLMMetrics() for name in models}
-    for batch in progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc):
+    for batch in runtime.progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc):
         batch = {k: v.to(device) for k, v in batch.items()}
         for name, model in models.items():
             metrics[name].update(*masked_logits(model, batch))
@@ -354,12 +353,11 @@ def compare_classifiers(models: dict, batches, device, desc: str = "evaluating")
     their speeds are measured under the same load; the first batch warms up and is not timed
     (unless it is the only one).
     """
-    from sitra.train import progress_bar
 
     preds = {n: [] for n in models}
     seconds, timed = dict.fromkeys(models, 0.0), 0
     labels = []
-    for b, batch in enumerate(progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc)):
+    for b, batch in enumerate(runtime.progress_bar(iterable=batches.epoch(0), total=len(batches), desc=desc)):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels += batch["labels"].tolist()
         count = b > 0 or len(batches) == 1
@@ -381,13 +379,12 @@ def generate_summaries(model, prompts: list[list[int]], tokenizer, max_new_token
                        desc: str = "generating") -> tuple[list[str], float]:
     """(greedy summaries, examples/s): prompts are left-padded in batches; a summary is the text
     generated after its prompt up to the first EOS, special tokens dropped."""
-    from sitra.train import progress_bar
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out, start = [], time.perf_counter()
     model.eval()
     starts = range(0, len(prompts), batch_size)
-    for i in progress_bar(iterable=starts, total=len(starts), desc=desc):
+    for i in runtime.progress_bar(iterable=starts, total=len(starts), desc=desc):
         group = prompts[i:i + batch_size]
         T = max(len(p) for p in group)
         ids = torch.full((len(group), T), pad_id, dtype=torch.long)

@@ -8,7 +8,7 @@ the grid of all lists is fused; the launcher fuses sweep axes with `--fuse`.
 import dataclasses
 import itertools
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 
 GB = 1e9
 

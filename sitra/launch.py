@@ -20,7 +20,8 @@ from pathlib import Path
 
 import submitit
 
-from sitra.cli import OneLineParser, UsageError, apply_preset, fail
+from sitra.cli import OneLineParser, apply_preset, fail
+from sitra.errors import UsageError
 from sitra.presets import PRESETS
 from sitra.recipes import JOBS, job_module
 from sitra.results import atomic_write, diff_configs, config_dict
@@ -190,10 +191,10 @@ class JobTask(submitit.helpers.Checkpointable):
         self.job = job
 
     def __call__(self, args):
-        from sitra import distributed
+        from sitra import runtime
 
         request_stop(False)
-        distributed.setup()  # several processes per task: rendezvous from submitit's environment
+        runtime.setup()  # several processes per task: rendezvous from submitit's environment
         sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         submitit_handler = signal.getsignal(sig)
         if callable(submitit_handler):
@@ -202,7 +203,7 @@ class JobTask(submitit.helpers.Checkpointable):
             module = job_module(self.job)
             return module.run_fused(args) if isinstance(args, list) else module.run(args)
         except Interrupted as e:
-            if not distributed.is_main():  # rank 0 requeues the whole job; the others leave quietly
+            if not runtime.is_main():  # rank 0 requeues the whole job; the others leave quietly
                 sys.exit(0)
             print(f"{e} (preempted: requeueing)", flush=True)
             if callable(submitit_handler):
@@ -213,7 +214,7 @@ class JobTask(submitit.helpers.Checkpointable):
             self.record_failure(args)
             raise
         finally:
-            distributed.teardown()
+            runtime.teardown()
 
     def record_failure(self, args):
         """A task that failed before its job opened a log still leaves a `failed` log behind,

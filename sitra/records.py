@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 
 FORMAT = "sitra-teacher-records/2"
 SAMPLINGS = ("top_k", "random")

@@ -22,8 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sitra import distributed
-from sitra.cli import UsageError
+from sitra import runtime
+from sitra.errors import UsageError
 from sitra.version import __version__
 
 # Arguments that do not change what a run computes, so a rerun may differ in them and resume.
@@ -53,7 +53,7 @@ def job_id() -> str:
 def atomic_write(path: Path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers see the old or the new file.
     Of several data-parallel processes only rank 0 writes."""
-    if not distributed.is_main():
+    if not runtime.is_main():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ class RunLog:
     def start(self, resume_step: int | None = None):
         """Begin a fresh log, or continue the log of a run resumed at `resume_step`."""
         self._started = True
-        if not distributed.is_main():
+        if not runtime.is_main():
             return
         if resume_step is not None and self.path.exists():
             try:
@@ -100,7 +100,7 @@ class RunLog:
     def __exit__(self, kind, error, tb):
         """A job that raised is marked failed. One that was stopped to be resumed (Interrupted, a
         requeue's SystemExit, Ctrl-C) stays `running`."""
-        from sitra.train import Interrupted
+        from sitra.errors import Interrupted
 
         if kind is not None and issubclass(kind, Exception) and not issubclass(kind, Interrupted):
             import traceback
@@ -207,10 +207,10 @@ def open_run(args, default_name: str) -> Run:
     run = Run(name, root / "checkpoints" / name, root / "eval_results" / f"{name}.h5", config_dict(args))
     saved = run.checkpoint_dir / "args.json"
     if args.overwrite:
-        if distributed.is_main():
+        if runtime.is_main():
             shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
             run.log_path.unlink(missing_ok=True)
-        distributed.barrier()
+        runtime.barrier()
     elif saved.exists():
         differ = diff_configs(json.loads(saved.read_text()), run.config)
         if differ:

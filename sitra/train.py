@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import threading
 import time
 from contextlib import nullcontext
@@ -26,12 +25,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sitra import distributed
-from sitra.cli import UsageError
-from sitra.models.teacher import pick_device
+from sitra import runtime
+from sitra.errors import Interrupted, UsageError
+from sitra.runtime import autocast_for, peak_memory_mb, pick_device, progress_bar
 from sitra.results import NOT_PART_OF_RUN, atomic_write
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
@@ -86,16 +84,6 @@ def check_train_args(args: TrainArgs):
         raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu or auto")
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class Interrupted(Exception):
-    """Training saved a checkpoint and stopped early; rerunning the job resumes it."""
-
-
 _stop_requested = threading.Event()
 
 
@@ -103,24 +91,6 @@ def request_stop(stop: bool = True):
     """Ask the running loop to save and stop after the current step (safe in a signal handler);
     request_stop(False) withdraws the request."""
     _stop_requested.set() if stop else _stop_requested.clear()
-
-
-def progress_bar(**kwargs):
-    """tqdm that redraws every second on a terminal, and every 30 s into a log file (SLURM)."""
-    import sys
-
-    interactive = sys.stderr.isatty()
-    kwargs.setdefault("disable", not distributed.is_main())
-    return tqdm(mininterval=1.0 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return nullcontext, False
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), precision == "fp16"
 
 
 def _rng_state() -> dict:
@@ -175,7 +145,7 @@ def data_parallel(model, step_loss, device):
 
     The frozen teacher is never wrapped: DDP reduces only parameters that require grad, and
     find_unused_parameters lets a job leave some trained parameters out of a step."""
-    if distributed.world_size() == 1:
+    if runtime.world_size() == 1:
         return step_loss
     return DistributedDataParallel(StepLoss(model, step_loss), device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False, find_unused_parameters=True)
@@ -221,15 +191,6 @@ def random_stream(seed: int, config: dict, rank: int) -> dict:
         return _rng_state()
 
 
-def peak_memory_mb(device) -> float:
-    """Peak memory of this process: GPU memory allocated on CUDA, resident size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class _State:
     """A trainee's optimizer, schedule, scaler, progress, random stream and checkpoint paths."""
 
@@ -244,7 +205,7 @@ class _State:
         self.latest, self.best_path = t.run.checkpoint_dir / "latest.pt", t.run.checkpoint_dir / "best.safetensors"
         self.next = t.run.checkpoint_dir / "latest.next.pt"
         self.progress = Progress()
-        self.rng = random_stream(args.seed, t.run.config, distributed.rank())
+        self.rng = random_stream(args.seed, t.run.config, runtime.rank())
 
 
 def _settle_checkpoints(states):
@@ -253,7 +214,7 @@ def _settle_checkpoints(states):
     renamed) the renames are completed, else the next files are dropped: all trainees resume
     from one step."""
     pending = [s for s in states if s.next.exists()]
-    if not pending or not distributed.is_main():
+    if not pending or not runtime.is_main():
         return
     step = torch.load(pending[0].next, map_location="cpu", weights_only=False)["progress"]["step"]
     def at_step(s):
@@ -285,9 +246,9 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
     """
     device = pick_device(args.device)
     autocast, use_scaler = autocast_for(device, args.precision)
-    world, main = distributed.world_size(), distributed.is_main()
+    world, main = runtime.world_size(), runtime.is_main()
     if world > 1:
-        batches = batches.shard(distributed.rank(), world)
+        batches = batches.shard(runtime.rank(), world)
     accum = args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(batches) / accum)
     total = args.max_steps or args.epochs * steps_per_epoch
@@ -301,7 +262,7 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
         print(f"{len(states)} students share each teacher pass: " + ", ".join(s.t.run.name for s in states))
 
     _settle_checkpoints(states)
-    distributed.barrier()
+    runtime.barrier()
     for s in states:
         s.t.log.note(world_size=world, effective_batch_size=effective, fused_students=len(states))
         if s.latest.exists():
@@ -314,7 +275,7 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
             s.scheduler.load_state_dict(ckpt["scheduler"])
             s.scaler.load_state_dict(ckpt["scaler"])
             s.progress = Progress(**ckpt["progress"])
-            s.rng = ckpt["rng"][distributed.rank()]
+            s.rng = ckpt["rng"][runtime.rank()]
             s.t.log.start(resume_step=s.progress.step)
             print(f"resuming {s.t.run.name} from step {s.progress.step} of {total}")
         else:
@@ -324,7 +285,7 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
     progress = states[0].progress  # the shared data position; each state keeps its own best
 
     def save():
-        rngs = distributed.all_gather_object([s.rng for s in states])
+        rngs = runtime.all_gather_object([s.rng for s in states])
         if not main:
             return
         for i, s in enumerate(states):
@@ -374,7 +335,7 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
     for s in states:
         _freeze_modes(s.t.model)
     while progress.step < total:
-        if distributed.all_reduce_sum([_stop_requested.is_set()], device)[0]:
+        if runtime.all_reduce_sum([_stop_requested.is_set()], device)[0]:
             stop_and_raise()  # asked to stop before this step: the state is saved already
         micro = []
         tick, tokens = time.perf_counter(), 0
@@ -417,7 +378,7 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
             elapsed = max(time.perf_counter() - tick, 1e-9)
             stop = _stop_requested.is_set() or progress.step == args.stop_after_steps
             flat = [v for parts_sum in parts_sums for v in parts_sum.values()]
-            total_tokens, stop, *flat = distributed.all_reduce_sum([tokens, stop, *flat], device)
+            total_tokens, stop, *flat = runtime.all_reduce_sum([tokens, stop, *flat], device)
             tok_s, tok_s_total = tokens / elapsed, total_tokens / elapsed
             for s, parts_sum, lr, norm in zip(states, parts_sums, lrs, norms):
                 n = len(parts_sum)
@@ -447,5 +408,5 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
                 metadata={"step": str(progress.step)}))
         s.t.log.note(peak_memory_mb=peak)
         s.progress.step, s.progress.epoch, s.progress.batch = progress.step, progress.epoch, progress.batch
-    distributed.barrier()  # the others may read best.safetensors next
+    runtime.barrier()  # the others may read best.safetensors next
     return [s.progress for s in states]

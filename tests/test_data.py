@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data import (
     BUILTIN, Batches, MLMCollator, example_generator, load_texts, python_docs_paragraphs, take_fraction, tokenize_lines,
 )

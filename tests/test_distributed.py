@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data import Batches
 from sitra.recipes.retrain_single_block import BlockArgs, run
 from sitra.results import read_log

@@ -82,7 +82,7 @@ def test_a_stopped_fused_task_resumes_all_students_to_the_uninterrupted_result(t
         return [retrain_single_block.BlockArgs(**common(tiny_teacher, text_files, tmp_path / where, **c, block_dropout=0.2, **kw))
                 for c in CONFIGS[:3]]
     straight = retrain_single_block.run_fused(args("straight"))
-    from sitra.train import Interrupted
+    from sitra.errors import Interrupted
 
     with pytest.raises(Interrupted):
         retrain_single_block.run_fused(args("stopped", stop_after_steps=3))

@@ -19,7 +19,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from sitra import losses
-from sitra.cli import UsageError, main
+from sitra.cli import main
+from sitra.errors import UsageError
 from sitra.data.cells import (
     BucketedMLMCollator, CellExamples, LengthGroupedBatches, bucket_sizes, load_corpus, padding_fraction, split_cells,
 )

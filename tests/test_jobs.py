@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from sitra import models
-from sitra.cli import UsageError, main
+from sitra.cli import main
+from sitra.errors import UsageError
 from sitra.recipes import build_retrained, eval_retrained, retrain_single_block
 from sitra.recipes.retrain_single_block import BlockArgs
 from sitra.results import read_log

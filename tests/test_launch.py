@@ -174,7 +174,7 @@ def test_time_formats():
 
 
 def test_collect_reports_corrupt_and_partial_logs(tiny_teacher, text_files, tmp_path, capsys):
-    from sitra.train import Interrupted
+    from sitra.errors import Interrupted
 
     sweep = tmp_path / "eval_results" / "s"
     base = dict(teacher=tiny_teacher, train_file=str(text_files / "train.txt"), block=1, block_heads=2,

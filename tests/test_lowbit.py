@@ -14,7 +14,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeni
                           LlamaConfig)
 
 from sitra import models
-from sitra.cli import UsageError, main
+from sitra.cli import main
+from sitra.errors import UsageError
 from sitra.data import python_docs_paragraphs
 from sitra.models import lowbit
 from sitra.recipes import distill_pythia, eval_lm, export_ternary

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertModel
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.models import (
     SitraBertForMaskedLM, SitraBertModel, StudentSelfAttention, attention_probs, block_io, encoder_layers,
     load_config, load_model, load_tokenizer, replace_attention, with_student_blocks,

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sitra import data, losses, records
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data import python_docs_paragraphs
 from sitra.models.causal import on_policy_prompts, sample_continuations, shared_vocab
 from sitra.recipes import record_teacher
@@ -605,7 +605,7 @@ def test_on_policy_runs_resume_bit_for_bit(lms, tmp_path):
     from safetensors.torch import load_file
 
     straight = distill(lms, tmp_path / "straight", on_policy_fraction=0.5, max_new_tokens=8, max_steps=6, save_steps=1)
-    from sitra.train import Interrupted
+    from sitra.errors import Interrupted
 
     with pytest.raises(Interrupted):
         distill(lms, tmp_path / "resumed", on_policy_fraction=0.5, max_new_tokens=8, max_steps=6, save_steps=1, stop_after_steps=3)

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from conftest import build_tokenizer
 from sitra import models, records
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.recipes import distill_classifier, record_teacher
 from sitra.results import read_log

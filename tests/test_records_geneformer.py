@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sitra import records
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.recipes import distill_geneformer, record_teacher
 from sitra.results import read_log
 import test_geneformer

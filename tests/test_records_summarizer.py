@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sitra import models
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.recipes import distill_summarizer, record_teacher
 from sitra.results import read_log
 import test_tasks

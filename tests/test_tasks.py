@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import SHARED, build_teacher, build_tokenizer
 from sitra import losses
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.evaluate import accuracy, generate_summaries, macro_f1, rouge
 from sitra.recipes import distill_classifier, distill_summarizer, finetune_classifier
@@ -307,7 +307,7 @@ def test_tiny_classifier_distillation_raises_student_accuracy(sst, tmp_path):
 def test_classifier_distillation_resumes_to_the_same_weights(sst, tmp_path):
     from safetensors.torch import load_file
 
-    from sitra.train import Interrupted
+    from sitra.errors import Interrupted
 
     whole = distill_classifier.run(distill_args(sst, tmp_path / "a", max_steps=6, eval_steps=3))
     with pytest.raises(Interrupted):
@@ -387,7 +387,7 @@ def test_summarizer_distillation_lowers_the_loss_and_reports_rouge(lms, tmp_path
 def test_summarizer_from_teacher_layers_on_a_datasets_folder_resumes(lms, tmp_path):
     import datasets
 
-    from sitra.train import Interrupted
+    from sitra.errors import Interrupted
 
     d = lms["dir"]
     splits = {s: datasets.Dataset.from_list(tasks.read_rows(str(d / f"{s}.jsonl"), s)) for s in ("train", "validation")}

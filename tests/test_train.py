@@ -12,7 +12,7 @@ import torch
 from sitra.data import python_docs_paragraphs
 from sitra.recipes.retrain_single_block import BlockArgs, run
 from sitra.results import read_log
-from sitra.train import Interrupted
+from sitra.errors import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_failed_job_is_marked_failed(tiny_teacher, text_files, tmp_path, monkeyp
 
 
 def test_rerun_with_other_arguments_is_refused(tiny_teacher, text_files, tmp_path):
-    from sitra.cli import UsageError
+    from sitra.errors import UsageError
 
     run(block_args(tiny_teacher, text_files, tmp_path, max_steps=2))
     with pytest.raises(UsageError, match=r"lr: 0.003 there, 0.01 here"):

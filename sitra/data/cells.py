@@ -16,7 +16,8 @@ import h5py
 import numpy as np
 import torch
 
-from sitra.cli import UsageError
+from sitra import runtime
+from sitra.errors import UsageError
 from sitra.data.mlm import Batches, MLMCollator, pad
 
 GENEFORMER_PAD_ID, GENEFORMER_MASK_ID = 0, 1  # Geneformer V1: <pad> = 0, <mask> = 1
@@ -213,7 +214,6 @@ def tokenize_h5ad(h5ad: H5ad, token_dict: dict, median_dict: dict, output: Path,
     import pyarrow as pa
     from datasets import Dataset
 
-    from sitra.train import progress_bar
 
     M, tokens, medians = gene_map(h5ad.gene_ids, token_dict, median_dict, f"--gene_id_column {h5ad.gene_id_column}")
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("cell_index", pa.int64())])
@@ -223,7 +223,7 @@ def tokenize_h5ad(h5ad: H5ad, token_dict: dict, median_dict: dict, output: Path,
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         stream = Path(tmp) / "cells.arrow"
         with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            bar = progress_bar(total=h5ad.n_cells, desc="tokenizing cells", unit="cell")
+            bar = runtime.progress_bar(total=h5ad.n_cells, desc="tokenizing cells", unit="cell")
             for start in range(0, h5ad.n_cells, chunk_size):
                 stop = min(start + chunk_size, h5ad.n_cells)
                 cells = rank_value_encode(h5ad.rows(start, stop), M, tokens, medians, max_length, target_sum)

@@ -101,7 +101,7 @@ class Batches:
         batch before it.
         """
         if len(self.examples) < world:
-            from sitra.cli import UsageError
+            from sitra.errors import UsageError
 
             raise UsageError(f"{len(self.examples)} training examples cannot be shared by {world} processes")
         part = copy.copy(self)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data.mlm import pad
 
 SPLITS = ("train", "validation", "test")

@@ -1,7 +1,7 @@
 """Text corpora: WikiText through `datasets`, local text files, and a built-in offline corpus."""
 from pathlib import Path
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 
 BUILTIN = "python-docs"  # English prose that every CPython ships (pydoc's help topics)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 
 EPS = 1e-5
 STUDENT_BITS = (1.58,)

@@ -2,10 +2,9 @@
 import importlib.resources
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.models import lowbit
 
 
@@ -84,9 +83,3 @@ def load_tokenizer(name: str, flag: str = "--teacher"):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {name}: cannot load its tokenizer ({_first_line(e)})") from None
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -30,7 +30,7 @@ JOBS = {
 
 
 def job_module(name: str):
-    from sitra.cli import UsageError
+    from sitra.errors import UsageError
 
     if name not in JOBS:
         raise UsageError(f"job {name!r}: unknown; choose from {', '.join(JOBS)}")

@@ -3,7 +3,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sitra import models
-from sitra.cli import UsageError, apply_preset
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import outputs_equal, save_model_folder
 from sitra.recipes.retrain_merge import merge_run_start, merge_runs, read_merged

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from sitra import models
-from sitra.cli import UsageError, apply_preset
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.presets import PRESETS
 from sitra.recipes.common import load_weights
 from sitra.recipes.retrain_single_block import JOB as BLOCK_JOB
@@ -88,9 +89,9 @@ def save_model_folder(model, tokenizer, output: Path):
     """save_pretrained into a temporary folder, then rename it into place (rank 0 only)."""
     import shutil
 
-    from sitra import distributed
+    from sitra import runtime
 
-    if not distributed.is_main():
+    if not runtime.is_main():
         return
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")

@@ -6,7 +6,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.evaluate import heatmap
 from sitra.results import atomic_write, sweep_rows
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sitra import data, losses
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data.text import BUILTIN
 
 

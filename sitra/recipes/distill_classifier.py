@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from sitra import data, losses, models, records, results
-from sitra.cli import UsageError
+from sitra import data, losses, models, records, results, runtime
+from sitra.errors import UsageError
 from sitra.evaluate import format_table
 from sitra.models import lowbit
 from sitra.models.causal import student_from_teacher_layers
@@ -26,7 +26,7 @@ from sitra.recipes.task_common import (
     declared_labels, flat, is_classifier, labelled_splits, optimiser_line,
     validation_scores, write_card,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_classifier"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -235,8 +235,8 @@ def run(args: DistillClassifierArgs):
     student_name = f"{source}{layers}" if source == "teacher_layers" else f"{source}_{Path(args.student).name}"
     run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
                             + records.name_suffix(rec))
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher, teacher_info, prefix = None, {}, "" if same_tokens else "teacher_"
     if not rec:
         # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first

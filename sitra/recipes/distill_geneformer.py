@@ -15,8 +15,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sitra import distributed, losses, models, records, results
-from sitra.cli import UsageError, command_line
+from sitra import runtime, losses, models, records, results
+from sitra.cli import command_line
+from sitra.errors import UsageError
 from sitra.data.cells import (
     GENEFORMER_MASK_ID, GENEFORMER_PAD_ID, BucketedMLMCollator, LengthGroupedBatches, bucket_sizes, load_corpus,
     split_cells,
@@ -26,7 +27,7 @@ from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
 from sitra.losses import masked_lm_distillation
 from sitra.models import lowbit
 from sitra.recipes.common import load_weights
-from sitra.train import SCHEDULERS, TrainArgs, check_train_args, seed_everything, train
+from sitra.train import SCHEDULERS, TrainArgs, check_train_args, train
 
 JOB = "distill_geneformer"
 
@@ -217,7 +218,7 @@ def training_epochs(args: DistillGeneformerArgs, n_train: int, world: int = 1) -
 def check_recorded_epochs(args: DistillGeneformerArgs, rec: records.TeacherRecords, n_train: int):
     """Refuse a run that would reach an epoch whose masks the records do not hold."""
     recorded = len(rec.parts("train"))
-    world = distributed.world_size()
+    world = runtime.world_size()
     if training_epochs(args, n_train, world) <= recorded:
         return
     where = f"the records at --teacher_logits {args.teacher_logits} hold {recorded} epoch(s) of masks"
@@ -318,8 +319,8 @@ def run(args: DistillGeneformerArgs):
     name = (f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
             + records.name_suffix(rec))
     run_ = results.open_run(args, name)
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher, teacher_info = None, {}
     if not rec:
         # an 8-bit teacher is loaded on the CPU in full precision, so a student can copy its layers first
@@ -384,7 +385,7 @@ def run(args: DistillGeneformerArgs):
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
         log.note(**teacher_info)
         progress = train(student, train_batches, step_loss, args, run_, log, evaluate)
-        if not distributed.is_main():  # data-parallel: rank 0 evaluates and writes the student
+        if not runtime.is_main():  # data-parallel: rank 0 evaluates and writes the student
             return run_
         student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()

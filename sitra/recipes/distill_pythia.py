@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from sitra import data, losses, models, records, results
-from sitra.cli import UsageError, apply_preset, command_line
+from sitra import data, losses, models, records, results, runtime
+from sitra.cli import apply_preset, command_line
+from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
 from sitra.models import lowbit
 from sitra.models.capture import qkv_hooks
@@ -22,7 +23,7 @@ from sitra.models.causal import (final_hidden, lm_head, on_policy_prompts, rando
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_pythia"
 
@@ -238,8 +239,8 @@ def run(args: DistillLMArgs):
             + lowbit.name_suffix(args)
             + records.name_suffix(rec) + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
     run_ = results.open_run(args, name)
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher, teacher_info = None, {}
     if not rec:
         # an 8-bit teacher is loaded on the CPU in full precision: a teacher_layers student copies its

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from sitra import data, losses, models, records, results
-from sitra.cli import UsageError
+from sitra import data, losses, models, records, results, runtime
+from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
 from sitra.evaluate import generate_summaries, rouge, rouge_config
@@ -26,7 +26,7 @@ from sitra.recipes.common import held_out_mean, load_weights
 from sitra.recipes.task_common import (
     TaskDataArgs, check_task_data, data_description, flat, load_splits, optimiser_line, write_card,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_summarizer"
 DEFAULT_TEMPLATE = "Summarize the following:\n{document}\nSummary:"
@@ -270,8 +270,8 @@ def run(args: DistillSummarizerArgs):
     student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
     run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
                             + records.name_suffix(rec))
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher = None
     if not rec:
         # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from sitra import data, models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import data, models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, lambada_accuracy, sliding_windows
 from sitra.models.lowbit import MIB, weight_bytes
 from sitra.presets import PRESETS
@@ -57,7 +58,7 @@ def run(args: EvalLMArgs) -> dict:
                                                args.max_seq_length, packing=True) for t in block]
     windows = sliding_windows(stream, args.max_seq_length, args.stride or max(1, args.max_seq_length // 2))
     passages = [line for line in Path(args.lambada_file).read_text().splitlines() if line.strip()] if args.lambada_file else []
-    device = models.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     table = {}
     for m in args.models:
         model = models.load_model(m, device, flag="--models", auto=AutoModelForCausalLM)

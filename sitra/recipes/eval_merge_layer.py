@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from sitra import models, results
+from sitra import models, results, runtime
 from sitra.cli import apply_preset
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
@@ -40,7 +40,7 @@ def run(args: EvalMergeLayerArgs) -> dict:
     merge_run_start(folder, args.teacher, "--checkpoint")
     tokenizer = models.load_tokenizer(args.teacher)
     _, batches = text_batches(args, tokenizer, args.batch_size, args.seed, need_train=False)
-    device = models.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     teacher = models.load_model(args.teacher, device)
     block, layer = read_merged(folder, teacher, args.teacher, flag="--checkpoint")
     with torch.inference_mode():

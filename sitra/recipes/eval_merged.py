@@ -3,8 +3,9 @@ masks: MLM accuracy, top-5, perplexity, hidden-state fidelity, size and forward 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra import models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.evaluate import bar_plot, evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.common import TextDataArgs, check_data_args, text_batches
@@ -51,7 +52,7 @@ def run(args: EvalMergedArgs) -> dict:
         if name != "teacher" and models.load_tokenizer(path, "--models").get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"--models {path}: its tokenizer differs from the teacher's; the same masks cannot apply")
     _, batches = text_batches(args, tokenizer, args.batch_size, args.seed, need_train=False)
-    device = models.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     loaded = {name: models.load_model(path, device, flag="--teacher" if name == "teacher" else "--models")
               for name, path in names.items()}
     for name, m in loaded.items():

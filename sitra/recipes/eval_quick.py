@@ -3,8 +3,8 @@ accuracy, top-5 accuracy, perplexity and parameter count, as a table and an HDF5
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra import models, results
-from sitra.cli import UsageError
+from sitra import models, results, runtime
+from sitra.errors import UsageError
 from sitra.evaluate import evaluate_mlm, format_table
 from sitra.recipes.distill_geneformer import CellDataArgs, check_cell_data, eval_cell_batches
 
@@ -44,7 +44,7 @@ def check(args: EvalQuickArgs):
 def run(args: EvalQuickArgs) -> dict:
     cells = check(args)
     _, eval_cells, batches = eval_cell_batches(cells, args, args.batch_size, args.seed)
-    device = models.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     table = evaluate_mlm({"Teacher": models.load_model(args.teacher, device, mlm=True),
                           "Student": models.load_model(args.student, device, mlm=True, flag="--student")}, batches, device)
     log_path = Path(args.storage_directory) / "eval_results" / f"{args.run_name}.h5"

@@ -3,8 +3,9 @@ from dataclasses import dataclass, field
 import json
 from pathlib import Path
 
-from sitra import models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import block_runs, read_block
@@ -78,7 +79,7 @@ def run(args: EvalArgs) -> dict:
     config = models.load_config(args.teacher)
     students = dict(read_block(f, args.teacher, config.hidden_size) for f in blocks)
     _, batches = text_batches(args, tokenizer, args.batch_size, args.seed, need_train=False)
-    device = models.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     loaded = {name: models.load_model(path, device, flag=flag) for name, (path, flag) in names.items()}
     if students:
         loaded = {"teacher": loaded["teacher"], "model": models.with_student_blocks(loaded["teacher"], students),

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from sitra import models
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.models import lowbit
 
 JOB = "export_ternary"

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from sitra import losses, models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import losses, models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights, masked_kd, text_batches
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, train
 
 
 @dataclass(kw_only=True)
@@ -60,8 +61,8 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
     run_ = results.open_run(args, f"{job}_T{args.temperature:g}_a{args.alpha:g}_h{args.hidden_weight:g}_{args.trainable_layers.replace(',', '-')}")
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
     model = models.load_model(model_path, device, flag="--model")
     params = model.parameters() if trainable is None else (p for i in trainable for p in models.encoder_layers(model)[i].parameters())

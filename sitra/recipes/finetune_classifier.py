@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from sitra import models, results
-from sitra.cli import UsageError
+from sitra import models, results, runtime
+from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
 from sitra.recipes.build_retrained import save_model_folder
@@ -19,7 +19,7 @@ from sitra.recipes.task_common import (
     ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, classifier_table, data_description,
     declared_labels, flat, labelled_splits, optimiser_line, validation_scores, write_card,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "finetune_classifier"
 
@@ -50,8 +50,8 @@ def run(args: FinetuneClassifierArgs):
     check_padding(tokenizer, "--model", args.model)
     batches = classification_batches(splits, id2label, tokenizer, args.max_seq_length, args.batch_size, args.seed)
     run_ = results.open_run(args, f"{JOB}_{Path(args.model).name}_lr{args.lr:g}")
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
         dtype=torch.float32).to(device)

@@ -7,13 +7,14 @@ from typing import Literal
 
 import torch
 
-from sitra import models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
 from sitra.presets import PRESETS
 from sitra.recipes.build_retrained import save_model_folder
 from sitra.recipes.common import TextDataArgs, check_data_args, compare, fidelity, held_out_mean, text_batches, load_weights
-from sitra.train import TrainArgs, check_train_args, seed_everything, train
+from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "finetune_conditioned_fully_merged"
 
@@ -47,8 +48,8 @@ def run(args: ConditionedArgs):
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
     run_ = results.open_run(args, f"conditioned_{args.criterion}_p{args.passes}")
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
     model = models.load_model(model_path, device, flag="--model")
     targets = [src[-1] + 1 for src in models.layer_sources(model)]

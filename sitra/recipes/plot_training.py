@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.evaluate import plot_training
 from sitra.results import read_log
 

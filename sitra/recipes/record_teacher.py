@@ -24,10 +24,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from sitra import models, records, results
-from sitra.cli import UsageError
+from sitra import records, results, runtime
+from sitra.errors import UsageError
 from sitra.data.mlm import example_generator
-from sitra.train import progress_bar
+from sitra.runtime import progress_bar
 
 JOB = "record_teacher"
 POSITIONS_PER_PIECE = 1024  # logits [n, V] of about this many positions exist at a time
@@ -95,7 +95,7 @@ def check(args) -> records.TeacherPass:
                          f"allowed 1-{teacher_pass.vocab:,}")
     if not 1 <= args.top_k < 2**16:  # random: draws per position, counted in 16 bits at most
         raise UsageError(f"--top_k {args.top_k}: draws per position; allowed 1-65535")
-    models.pick_device(args.device)
+    runtime.pick_device(args.device)
     return teacher_pass
 
 
@@ -223,7 +223,7 @@ def record_examples(teacher, items, n_items: int, tp: records.TeacherPass, args,
 
 def run(args) -> Path:
     tp = check(args)
-    device = models.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     teacher = tp.load_teacher(device)
     identity = make_identity(args, tp, teacher)
     folder = Path(args.output)

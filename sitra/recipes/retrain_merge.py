@@ -7,8 +7,9 @@ from typing import Literal
 
 import torch
 
-from sitra import fuse, losses, models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import fuse, losses, models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.models.capture import layers_io
 from sitra.models.merged import INITS
 from sitra.presets import PRESETS
@@ -17,7 +18,7 @@ from sitra.recipes.common import (
     load_weights,
     StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything
+from sitra.train import TrainArgs, check_train_args
 
 JOB = "retrain_merge"
 FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout", "intermediate_size", "init")
@@ -97,12 +98,12 @@ def run_fused(args_list: list[MergeArgs]):
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
     runs = [results.open_run(a, default_run_name(a, h, d, i)) for a, (_, h, d, i) in zip(args_list, shapes)]
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
     layers, step_losses = [], []
     for a, (_, heads, d_k, inter) in zip(args_list, shapes):
-        seed_everything(a.seed)  # each layer starts as it would alone
+        runtime.seed_everything(a.seed)  # each layer starts as it would alone
         layer = models.new_merged_layer(teacher, a.block, heads, d_k, a.block_dropout, inter, a.init).to(device)
         layers.append(layer)
         on = "logits" if a.loss_on_logits else "output"

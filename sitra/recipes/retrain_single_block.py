@@ -6,8 +6,9 @@ from typing import Literal
 
 import torch
 
-from sitra import fuse, losses, models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import fuse, losses, models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.models.attention import attention_probs
 from sitra.models.capture import blocks_io
 from sitra.presets import PRESETS
@@ -15,7 +16,7 @@ from sitra.recipes.common import (
     StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
     train_modules,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything
+from sitra.train import TrainArgs, check_train_args
 
 JOB = "retrain_single_block"
 FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
@@ -112,12 +113,12 @@ def run_fused(args_list: list[BlockArgs]):
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
     runs = [results.open_run(a, default_run_name(a, h, d)) for a, (_, h, d) in zip(args_list, shapes)]
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
     students, step_losses = [], []
     for a, (config, heads, d_k) in zip(args_list, shapes):
-        seed_everything(a.seed)  # each student starts as it would alone
+        runtime.seed_everything(a.seed)  # each student starts as it would alone
         student = models.StudentSelfAttention(config.hidden_size, heads, d_k, a.block_dropout)
         models.init_linear(student, config.initializer_range)
         students.append(student.to(device))

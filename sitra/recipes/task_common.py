@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from sitra import data, results
-from sitra.cli import UsageError, command_line
+from sitra.cli import command_line
+from sitra.errors import UsageError
 from sitra.data import tasks
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 from sitra.data.cells import TARGET_SUM, H5ad, load_gene_dictionaries, tokenize_h5ad
 
 JOB = "tokenize_cells"

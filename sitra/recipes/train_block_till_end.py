@@ -5,14 +5,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sitra import fuse, models, results
-from sitra.cli import UsageError, apply_preset
+from sitra import fuse, models, results, runtime
+from sitra.cli import apply_preset
+from sitra.errors import UsageError
 from sitra.presets import PRESETS
 from sitra.recipes.common import (
     train_modules,
     StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, masked_kd, text_batches,
 )
-from sitra.train import TrainArgs, check_train_args, seed_everything
+from sitra.train import TrainArgs, check_train_args
 
 JOB = "train_block_till_end"
 FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
@@ -81,12 +82,12 @@ def run_fused(args_list: list[BlockToEndArgs]):
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
     runs = [results.open_run(a, default_run_name(a, h, d)) for a, (_, h, d) in zip(args_list, shapes)]
-    device = models.pick_device(args.device)
-    seed_everything(args.seed)
+    device = runtime.pick_device(args.device)
+    runtime.seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
     students, step_losses = [], []
     for a, (config, heads, d_k) in zip(args_list, shapes):
-        seed_everything(a.seed)  # each student starts as it would alone
+        runtime.seed_everything(a.seed)  # each student starts as it would alone
         student = models.StudentSelfAttention(config.hidden_size, heads, d_k, a.block_dropout)
         models.init_linear(student, config.initializer_range)
         model = copy.deepcopy(teacher)  # frozen; only the student block in it trains

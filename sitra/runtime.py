@@ -1,4 +1,5 @@
-"""Data-parallel processes: one per device, started by torchrun, by srun, or by the launcher.
+"""Where and how a job runs: its device, precision, random seed, progress bar and, for
+data-parallel jobs, its processes (one per device, started by torchrun, by srun, or by the launcher.
 
 `setup()` reads the rendezvous from the environment (torchrun's RANK/WORLD_SIZE/MASTER_ADDR/
 MASTER_PORT, or SLURM's task variables, which are turned into those) and joins the process group:
@@ -8,12 +9,17 @@ Without any of these variables sitra runs as one process and nothing here does a
 import builtins
 import os
 import random
+import resource
+import sys
+from contextlib import nullcontext
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from sitra.cli import UsageError
+from sitra.errors import UsageError
 
 TIMEOUT = timedelta(minutes=60)  # rank 0 evaluates alone while the others wait at the next all-reduce
 
@@ -110,3 +116,38 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return nullcontext, False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), precision == "fp16"
+
+
+def progress_bar(**kwargs):
+    """tqdm that redraws every second on a terminal, and every 30 s into a log file (SLURM)."""
+    interactive = sys.stderr.isatty()
+    kwargs.setdefault("disable", not is_main())
+    return tqdm(mininterval=1.0 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, resident size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
