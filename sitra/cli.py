@@ -3,12 +3,14 @@
 Bad input is raised as `UsageError` anywhere before compute starts; `main` turns it into one line
 on stderr and exit code 2, the same as argparse does for a bad flag value.
 """
+import copy
 import dataclasses
 import sys
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from sitra.args import SITRA_METADATA
 from sitra.errors import Interrupted, UsageError
 
 
@@ -18,6 +20,13 @@ class OneLineParser(HfArgumentParser):
 
     def error(self, message):
         fail(message)
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        """As HfArgumentParser, with sitra's own metadata keys (sitra.args) kept from argparse."""
+        field = copy.copy(field)
+        field.metadata = {k: v for k, v in field.metadata.items() if k not in SITRA_METADATA}
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
 
 def parse(args_class, argv=None, positional: str | None = None):

@@ -23,12 +23,9 @@ import h5py
 import numpy as np
 
 from sitra import runtime
+from sitra.args import marked
 from sitra.errors import UsageError
 from sitra.version import __version__
-
-# Arguments that do not change what a run computes, so a rerun may differ in them and resume.
-NOT_PART_OF_RUN = {"stop_after_steps", "overwrite", "storage_directory", "run_name", "device", "max_memory_gb"}
-
 
 def config_dict(args) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(args), default=str))
@@ -68,7 +65,7 @@ def atomic_write(path: Path, write):
 class RunLog:
     """The HDF5 log of one job. Numbers are buffered and written by `flush()`."""
 
-    def __init__(self, path: Path, job: str, run_name: str, config: dict):
+    def __init__(self, path: Path, job: str, run_name: str, config: dict, not_part_of_run=frozenset()):
         self.path = Path(path)
         self._pending = {"train": [], "eval": []}
         self._session_start = time.time()
@@ -77,6 +74,7 @@ class RunLog:
             "job": job, "run_name": run_name, "config": json.dumps(config, sort_keys=True),
             "sitra_version": __version__, "git_commit": _git_commit(), "job_id": job_id(),
             "host": socket.gethostname(), "status": "running", "error": "",
+            "not_part_of_run": json.dumps(sorted(not_part_of_run)),
         }
         self._started = False
 
@@ -198,13 +196,21 @@ class Run:
     checkpoint_dir: Path
     log_path: Path
     config: dict
+    not_part_of_run: frozenset = frozenset()  # fields a rerun may change and still resume
+    teacher_source: frozenset = frozenset()   # fields that say only where the teacher's outputs come from
+
+    @property
+    def student_config(self) -> dict:
+        """The flags that make the student: what it draws from its random stream depends on these only."""
+        return {k: v for k, v in self.config.items() if k not in self.not_part_of_run | self.teacher_source}
 
 
 def open_run(args, default_name: str) -> Run:
     """The run's paths; refuses to mix a different configuration into an existing run."""
     name = args.run_name or default_name
     root = Path(args.storage_directory)
-    run = Run(name, root / "checkpoints" / name, root / "eval_results" / f"{name}.h5", config_dict(args))
+    run = Run(name, root / "checkpoints" / name, root / "eval_results" / f"{name}.h5", config_dict(args),
+              marked(args, "not_part_of_run"), marked(args, "teacher_source"))
     saved = run.checkpoint_dir / "args.json"
     if args.overwrite:
         if runtime.is_main():
@@ -212,7 +218,7 @@ def open_run(args, default_name: str) -> Run:
             run.log_path.unlink(missing_ok=True)
         runtime.barrier()
     elif saved.exists():
-        differ = diff_configs(json.loads(saved.read_text()), run.config)
+        differ = diff_configs(json.loads(saved.read_text()), run.config, run.not_part_of_run)
         if differ:
             raise UsageError(
                 f"--run_name {name}: {run.checkpoint_dir} holds a run with other arguments "
@@ -227,8 +233,8 @@ def open_run(args, default_name: str) -> Run:
     return run
 
 
-def diff_configs(old: dict, new: dict) -> str:
-    keys = sorted((set(old) | set(new)) - NOT_PART_OF_RUN)
+def diff_configs(old: dict, new: dict, ignore=frozenset()) -> str:
+    keys = sorted((set(old) | set(new)) - set(ignore))
     return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k))
 
 
@@ -247,7 +253,7 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
         tasks = [(Path(t["run_name"]).name, t["values"]) for t in record["tasks"]]
     else:
         axes, tasks = [], [(p.stem, {}) for p in sorted(sweep_dir.glob("*.h5")) if p.name != "results.h5"]
-    rows, problems = [], []
+    rows, problems, ignore = [], [], set()
     for name, values in tasks:
         path = sweep_dir / f"{name}.h5"
         row = {"run_name": name, **values, "status": "missing", "wall_time_s": np.nan, "job_id": ""}
@@ -264,6 +270,7 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
                            job_id=log["attrs"].get("job_id", ""))
                 if not manifest.exists():
                     row.update({k: v for k, v in log["config"].items()})
+                    ignore |= set(json.loads(log["attrs"].get("not_part_of_run", "[]")))
                 if row["status"] == "complete":
                     row.update({k: float(v) for k, v in log["final"].items()})
                 else:
@@ -272,7 +279,7 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
         rows.append(row)
     if not manifest.exists() and rows:  # axes: the arguments that differ between tasks
         keys = [k for k in rows[0] if k not in ("run_name", "status", "wall_time_s", "job_id")]
-        axes = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in rows}) > 1 and k not in NOT_PART_OF_RUN]
+        axes = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in rows}) > 1 and k not in ignore]
         rows = [{k: v for k, v in r.items() if k in axes or k in ("run_name", "status", "wall_time_s", "job_id")
                  or k not in keys} for r in rows]
     return rows, axes, problems

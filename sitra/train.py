@@ -28,19 +28,17 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from sitra import runtime
+from sitra.args import RunArgs
 from sitra.errors import Interrupted, UsageError
 from sitra.runtime import autocast_for, peak_memory_mb, pick_device, progress_bar
-from sitra.results import NOT_PART_OF_RUN, atomic_write
+from sitra.results import atomic_write
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 
 
 @dataclass(kw_only=True)
-class TrainArgs:
+class TrainArgs(RunArgs):
     """Flags every training job shares."""
-    storage_directory: str = field(default=".", metadata={"help": "checkpoints/ and eval_results/ are made under it"})
-    run_name: str | None = field(default=None, metadata={"help": "folder name of this run (default: from the job's flags)"})
-    overwrite: bool = field(default=False, metadata={"help": "start over instead of resuming an existing run"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps to train; 0: as many as --epochs give"})
     batch_size: int = field(default=32, metadata={"help": "examples per micro-batch on each process (device)"})
@@ -56,12 +54,10 @@ class TrainArgs:
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps; 0: at the end of each epoch"})
     save_checkpoint_every: float = field(default=1.0, metadata={"help": "save a checkpoint every N epochs (fractions allowed)"})
     save_steps: int = field(default=0, metadata={"help": "save a checkpoint every N steps (overrides --save_checkpoint_every)"})
-    seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "autocast dtype; auto: bf16 on a GPU that has it, else fp32"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    stop_after_steps: int = field(default=0, metadata={"help": "save and stop once this step is reached (rerun to resume); 0: off"})
-    max_memory_gb: float = field(default=0, metadata={"help": "refuse a fused group of students estimated to need more memory; 0: no limit"})
+    stop_after_steps: int = field(default=0, metadata={"help": "save and stop once this step is reached (rerun to resume); 0: off", "not_part_of_run": True})
+    max_memory_gb: float = field(default=0, metadata={"help": "refuse a fused group of students estimated to need more memory; 0: no limit", "not_part_of_run": True})
 
 
 def check_train_args(args: TrainArgs):
@@ -173,17 +169,12 @@ class Trainee:
     select: str = "eval_loss"
 
 
-# where the teacher's outputs come from (live or recorded) does not change what the student draws
-TEACHER_SOURCE = ("teacher", "teacher_logits", "teacher_logits_sampling")
-
-
-def random_stream(seed: int, config: dict, rank: int) -> dict:
-    """The RNG state (dropout) of one trainee in one process, derived from the seed, its
-    configuration (the flags that make the run, not its name or folder, nor whether its teacher
+def random_stream(seed: int, student_config: dict, rank: int) -> dict:
+    """The RNG state (dropout) of one trainee in one process, derived from the seed, the flags
+    that make the student (`Run.student_config`: not its name or folder, nor whether its teacher
     runs live or from records) and the rank: what a student draws does not depend on which other
     students share its loop."""
-    left_out = set(NOT_PART_OF_RUN) | set(TEACHER_SOURCE)
-    identity = json.dumps({k: v for k, v in config.items() if k not in left_out}, sort_keys=True, default=str)
+    identity = json.dumps(student_config, sort_keys=True, default=str)
     key = [int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little"), rank]
     state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
@@ -205,7 +196,7 @@ class _State:
         self.latest, self.best_path = t.run.checkpoint_dir / "latest.pt", t.run.checkpoint_dir / "best.safetensors"
         self.next = t.run.checkpoint_dir / "latest.next.pt"
         self.progress = Progress()
-        self.rng = random_stream(args.seed, t.run.config, runtime.rank())
+        self.rng = random_stream(args.seed, t.run.student_config, runtime.rank())
 
 
 def _settle_checkpoints(states):

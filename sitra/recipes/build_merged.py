@@ -12,7 +12,7 @@ from sitra.recipes.retrain_merge import merge_run_start, merge_runs, read_merged
 
 @dataclass(kw_only=True)
 class BuildMergedArgs:
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "the teacher the merged layers were trained against"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "the teacher the merged layers were trained against"})
     checkpoints: list[str] = field(default_factory=list, metadata={
         "help": "merge run folders to use (default: the finished merge run of every pair (0,1), (2,3), ...)"})
     output: str | None = field(default=None, metadata={"help": "model folder to write (default: checkpoints/merged_model)"})

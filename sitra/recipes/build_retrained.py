@@ -15,7 +15,7 @@ from sitra.recipes.retrain_single_block import JOB as BLOCK_JOB
 
 @dataclass(kw_only=True)
 class BuildArgs:
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "the teacher the blocks were trained against"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "the teacher the blocks were trained against"})
     checkpoints: list[str] = field(default_factory=list, metadata={
         "help": "block run folders to use (default: every finished block run of --teacher under checkpoints/)"})
     output: str | None = field(default=None, metadata={"help": "model folder to write (default: checkpoints/retrained_model)"})

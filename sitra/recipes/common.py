@@ -79,7 +79,7 @@ def student_shape(hidden_size: int, heads: int, d_k: int | None) -> tuple[int, i
 @dataclass(kw_only=True)
 class StudentBlockArgs:
     """The teacher and the shape of the student attention that replaces one of its blocks."""
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     block: int | None = field(default=None, metadata={"help": "index of the layer whose attention is replaced"})
     block_heads: int = field(default=12, metadata={"help": "attention heads of the student block"})
     block_d_k: int | None = field(default=None, metadata={"help": "width of each head (default: hidden size / heads)"})

@@ -34,7 +34,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 @dataclass(kw_only=True)
 class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
-    teacher: str | None = field(default=None, metadata={
+    teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "sequence-classification model folder or hub id (see finetune_classifier); or give --teacher_logits"})
     student: str | None = field(default=None, metadata={
         "help": "pretrained encoder or classifier (its head is new where it has none), or a folder with only config.json"})
@@ -46,9 +46,9 @@ class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
     alpha: float = field(default=0.5, metadata={"help": "weight of the label cross-entropy; the divergence gets 1 - alpha"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence (its T^2 factor is inside the menu's losses)"})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
-    teacher_logits: str | None = field(default=None, metadata={
+    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
         "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 

@@ -103,7 +103,7 @@ class GeneIds:
 
 @dataclass(kw_only=True)
 class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
-    teacher: str | None = field(default=None, metadata={"help": "Geneformer folder (BertForMaskedLM config.json + weights)"})
+    teacher: str | None = field(default=None, metadata={"teacher_source": True, "help": "Geneformer folder (BertForMaskedLM config.json + weights)"})
     hidden_size: int = field(default=128, metadata={"help": "student hidden size"})
     num_hidden_layers: int = field(default=4, metadata={"help": "student layers"})
     num_attention_heads: int = field(default=4, metadata={"help": "student attention heads (must divide --hidden_size)"})
@@ -121,9 +121,9 @@ class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     lr_scheduler: Literal[SCHEDULERS] = field(default="cosine", metadata={"help": "learning-rate shape after warm-up"})
-    teacher_logits: str | None = field(default=None, metadata={
+    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
         "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 

@@ -30,7 +30,7 @@ JOB = "distill_pythia"
 
 @dataclass(kw_only=True)
 class DistillLMArgs(TrainArgs, TextDataArgs, lowbit.LowBitArgs):
-    teacher: str = field(default="EleutherAI/pythia-160m", metadata={"help": "causal LM: hub id or local folder"})
+    teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id or local folder"})
     student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "student to warm-start from (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = field(default="pretrained", metadata={
         "help": "pretrained: load --student; teacher_layers: every k-th teacher layer; random: the teacher's config, fewer layers"})
@@ -53,9 +53,9 @@ class DistillLMArgs(TrainArgs, TextDataArgs, lowbit.LowBitArgs):
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
-    teacher_logits: str | None = field(default=None, metadata={
+    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
         "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
     on_policy_fraction: float = field(default=0.0, metadata={
         "help": "fraction in [0, 1] of training batches made of continuations the student samples from the batch's prompts"})

@@ -49,7 +49,7 @@ class SummaryDataArgs(TaskDataArgs):
 
 @dataclass(kw_only=True)
 class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, lowbit.LowBitArgs):
-    teacher: str | None = field(default=None, metadata={
+    teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "causal LM (fine-tuned for the task) folder or hub id (or its records: --teacher_logits)"})
     student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers"] = field(default="pretrained", metadata={
@@ -61,9 +61,9 @@ class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, lowbit.LowBitArgs):
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
     loss_chunks: int = field(default=4, metadata={"help": "summary positions are cut into this many pieces for the logit losses (1: plain)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    teacher_logits: str | None = field(default=None, metadata={
+    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={
+    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
         "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 

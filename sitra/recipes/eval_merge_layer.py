@@ -17,7 +17,7 @@ JOB = "eval_merge_layer"
 
 @dataclass(kw_only=True)
 class EvalMergeLayerArgs(TextDataArgs):
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     block: int | None = field(default=None, metadata={"help": "first layer of the merged pair"})
     block_heads: int | None = field(default=None, metadata={"help": "heads of the merge run to evaluate (where several exist)"})
     block_d_k: int | None = field(default=None, metadata={"help": "d_k of the merge run to evaluate (where several exist)"})

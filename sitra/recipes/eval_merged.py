@@ -16,7 +16,7 @@ JOB = "eval_merged"
 
 @dataclass(kw_only=True)
 class EvalMergedArgs(TextDataArgs):
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     models: list[str] = field(default_factory=list, metadata={
         "help": "model folders to compare (default: every model folder under checkpoints/)"})
     batch_size: int = field(default=32, metadata={"help": "examples per batch"})

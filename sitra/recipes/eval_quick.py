@@ -13,7 +13,7 @@ JOB = "eval_quick"
 
 @dataclass(kw_only=True)
 class EvalQuickArgs(CellDataArgs):
-    teacher: str | None = field(default=None, metadata={"help": "Geneformer teacher folder (BertForMaskedLM)"})
+    teacher: str | None = field(default=None, metadata={"teacher_source": True, "help": "Geneformer teacher folder (BertForMaskedLM)"})
     student: str | None = field(default=None, metadata={"help": "student folder, e.g. checkpoints/RUN/model of distill_geneformer"})
     batch_size: int = field(default=16, metadata={"help": "cells per batch"})
     seed: int = field(default=42, metadata={"help": "seed of the masks (distill_geneformer's --seed gives its validation masks)"})

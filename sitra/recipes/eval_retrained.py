@@ -16,7 +16,7 @@ JOB = "eval_retrained"
 
 @dataclass(kw_only=True)
 class EvalArgs(TextDataArgs):
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     model: str | None = field(default=None, metadata={"help": "model folder to evaluate (default: checkpoints/retrained_model)"})
     checkpoints: list[str] = field(default_factory=list, metadata={
         "help": "instead of --model: block run folders, evaluated as the teacher with those blocks in place"})

@@ -19,7 +19,7 @@ from sitra.train import TrainArgs, check_train_args, train
 
 @dataclass(kw_only=True)
 class FinetuneArgs(TrainArgs, TextDataArgs):
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     model: str | None = field(default=None, metadata={"help": "the model folder to fine-tune (default: the job's)"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KL to the teacher"})
     alpha: float = field(default=0.0, metadata={"help": "weight of the MLM cross-entropy"})

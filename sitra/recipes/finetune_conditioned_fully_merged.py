@@ -21,7 +21,7 @@ JOB = "finetune_conditioned_fully_merged"
 
 @dataclass(kw_only=True)
 class ConditionedArgs(TrainArgs, TextDataArgs):
-    teacher: str = field(default="bert-base-uncased", metadata={"help": "hub id or local model folder"})
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     model: str | None = field(default=None, metadata={"help": "the merged model folder (default: checkpoints/merged_model)"})
     passes: int = field(default=1, metadata={"help": "sweeps over the layers, bottom to top; --epochs/--max_steps count per layer"})
     criterion: Literal["MSE", "L1"] = field(default="MSE", metadata={"help": "loss between a layer's output and the teacher's"})
