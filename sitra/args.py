@@ -7,7 +7,12 @@ A field may carry, besides `help` and `aliases`:
 Jobs subclass the groups they use (one level deep); checks of a group's values live beside it.
 """
 import dataclasses
+import sys
 from dataclasses import dataclass, field
+from typing import Literal
+
+from sitra.errors import UsageError
+from sitra.presets import PRESETS
 
 
 SITRA_METADATA = ("not_part_of_run", "teacher_source")
@@ -19,13 +24,185 @@ def marked(args, key: str) -> frozenset[str]:
 
 
 @dataclass(kw_only=True)
-class RunArgs:
-    """Where a run keeps its files and where it runs: every job that writes a run has these."""
+class PresetArgs:
+    """Jobs of the block-retraining workflow take `--preset quickstart` (sitra.presets)."""
+    preset: str | None = field(default=None, metadata={
+        "help": f"fill every flag you do not type from a preset: {', '.join(PRESETS)}"})
+
+
+@dataclass(kw_only=True)
+class PlaceArgs(PresetArgs):
+    """Where a job keeps its files and where it runs: every job that writes a run or results."""
     storage_directory: str = field(default=".", metadata={
-        "help": "checkpoints/ and eval_results/ are made under it", "not_part_of_run": True})
+        "help": "checkpoints/ and eval_results/ are under it", "not_part_of_run": True})
     run_name: str | None = field(default=None, metadata={
-        "help": "folder name of this run (default: from the job's flags)", "not_part_of_run": True})
+        "help": "name of this run's folder and log (default: from the job's flags)", "not_part_of_run": True})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N", "not_part_of_run": True})
+
+
+@dataclass(kw_only=True)
+class RunArgs(PlaceArgs):
+    """A run that trains: it resumes from its folder unless told to start over, from its seed."""
     overwrite: bool = field(default=False, metadata={
         "help": "start over instead of resuming an existing run", "not_part_of_run": True})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N", "not_part_of_run": True})
-    seed: int = 42
+    seed: int = field(default=42, metadata={"help": "seed of the initial weights, data order, masks and dropout"})
+
+
+# --loss names: the divergences of sitra.losses.LOGIT_LOSSES (kept here so parsing needs no torch)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse")
+# what --alpha meant in each kind of job before --kd_weight / --ce_weight
+ALPHA_MEANINGS = {
+    "ce": "--ce_weight a --kd_weight 1-a",   # distill_pythia, distill_classifier, distill_summarizer
+    "kd": "--kd_weight a --ce_weight 1-a",   # distill_geneformer
+    "ce_added": "--kd_weight 1 --ce_weight a",  # finetune_*, train_full_merged_model, train_block_till_end
+}
+KD_HELP = {
+    "loss": "divergence D of the distillation term: forward_kl (KL(teacher || student)), reverse_kl, jsd, mse",
+    "temperature": "softmax temperature T of both distributions in D (the term is multiplied by T^2)",
+    "jsd_beta": "beta of --loss jsd (0: forward KL, 1: reverse KL)",
+    "kd_weight": "weight of the distillation term T^2 * D(teacher_T || student_T)",
+    "ce_weight": "weight of the cross-entropy with the data's targets (labels, next tokens, masked tokens)",
+}
+
+
+def kd_field(name: str, default):
+    """A KDArgs field with a job's own default (the help stays the group's)."""
+    return field(default=default, metadata={"help": KD_HELP[name]})
+
+
+@dataclass(kw_only=True)
+class KDArgs:
+    """The distillation objective, the same in every job (sitra.losses.distill_loss):
+    loss = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE(targets).
+
+    A job sets its defaults by redeclaring fields with `kd_field` and names in ALPHA_MEANING
+    what its old flag --alpha meant, so old commands still train what they trained before."""
+    ALPHA_MEANING = "ce"
+
+    loss: Literal[DIVERGENCES] = field(default="forward_kl", metadata={"help": KD_HELP["loss"]})
+    temperature: float = kd_field("temperature", 2.0)
+    jsd_beta: float = kd_field("jsd_beta", 0.5)
+    kd_weight: float | None = kd_field("kd_weight", None)
+    ce_weight: float | None = kd_field("ce_weight", None)
+    alpha: float | None = field(default=None, metadata={
+        "help": "old name of the weights, converted with a notice: what it meant in this job is in the README"})
+
+    def __post_init__(self):
+        if self.alpha is not None:
+            a, meaning = self.alpha, self.ALPHA_MEANING
+            if self.kd_weight is not None or self.ce_weight is not None:
+                raise UsageError(f"--alpha {a}: the old name of --kd_weight / --ce_weight; give one or the other")
+            if meaning in ("ce", "kd") and not 0 <= a <= 1:
+                raise UsageError(f"--alpha {a}: must be in [0, 1]")
+            if meaning == "ce_added" and a < 0:
+                raise UsageError(f"--alpha {a}: must be 0 or more")
+            self.kd_weight, self.ce_weight = {"ce": (1 - a, a), "kd": (a, 1 - a), "ce_added": (1.0, a)}[meaning]
+            _notice(type(self), f"--alpha {a:g} is the old name: this job reads it as --kd_weight {self.kd_weight:g} "
+                    f"--ce_weight {self.ce_weight:g}")
+            self.alpha = None
+        defaults = self.KD_DEFAULTS
+        if self.kd_weight is None:
+            self.kd_weight = defaults[0]
+        if self.ce_weight is None:
+            self.ce_weight = defaults[1]
+
+    KD_DEFAULTS = (0.5, 0.5)  # (kd_weight, ce_weight) when neither they nor --alpha are given
+
+    def objective(self) -> dict:
+        """The keyword arguments of sitra.losses.distill_loss."""
+        return dict(divergence=self.loss, temperature=self.temperature, beta=self.jsd_beta,
+                    kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+
+    def describe(self, targets: str = "targets") -> str:
+        """The objective in words, for model cards."""
+        d = self.loss + (f" (beta {self.jsd_beta:g})" if self.loss == "jsd" else "")
+        return (f"{self.kd_weight:g} x T^2 x {d}(teacher_T || student_T) + {self.ce_weight:g} x cross-entropy({targets}), "
+                f"T = {self.temperature:g}")
+
+    def weights_name(self) -> str:
+        """The run-name part of the weights: `a<alpha>` where an old --alpha gives them (so old
+        commands keep their run folders), else `kd<w>_ce<w>`."""
+        kd, ce = self.kd_weight, self.ce_weight
+        a = {"ce": ce, "kd": kd, "ce_added": ce}[self.ALPHA_MEANING]
+        if (kd, ce) == {"ce": (1 - a, a), "kd": (a, 1 - a), "ce_added": (1.0, a)}[self.ALPHA_MEANING]:
+            return f"a{a:g}"
+        return f"kd{kd:g}_ce{ce:g}"
+
+
+def check_kd(args: KDArgs, divergences=DIVERGENCES):
+    """One-line errors for the objective's flags, before any compute."""
+    if args.loss not in divergences:
+        raise UsageError(f"--loss {args.loss}: allowed {', '.join(divergences)}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature {args.temperature}: must be positive")
+    if not 0 <= args.jsd_beta <= 1:
+        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
+    for flag in ("kd_weight", "ce_weight"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
+    if args.kd_weight == 0 and args.ce_weight == 0:
+        raise UsageError("--kd_weight 0 --ce_weight 0: nothing to train on; give one of them a positive weight")
+
+
+_said = set()
+
+
+def _notice(job, line: str):
+    """Say a line once per job and process (a fused grid parses the same flags several times)."""
+    if (job, line) not in _said:
+        _said.add((job, line))
+        print(line, file=sys.stderr)
+
+
+SAMPLINGS = ("top_k", "random")  # what teacher records hold (sitra.records)
+
+
+@dataclass(kw_only=True)
+class RecordsArgs:
+    """A teacher recorded once by jobs/record_teacher.py instead of a live one."""
+    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True,
+        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
+    teacher_logits_sampling: Literal[SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True,
+        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
+
+
+def check_block(block, num_layers: int, flag: str = "--block", needs_successor: bool = False):
+    last = num_layers - 2 if needs_successor else num_layers - 1
+    if block is None:
+        raise UsageError(f"{flag} is required: a layer index 0-{last}")
+    if not 0 <= block <= last:
+        why = " (it needs a following layer)" if needs_successor else ""
+        raise UsageError(f"{flag} {block}: the teacher has {num_layers} layers, allowed 0-{last}{why}")
+
+
+def student_shape(hidden_size: int, heads: int, d_k: int | None) -> tuple[int, int]:
+    """(heads, d_k) of a student block; d_k defaults to hidden_size / heads."""
+    if heads < 1:
+        raise UsageError(f"--block_heads {heads}: must be at least 1")
+    if d_k is None:
+        if hidden_size % heads:
+            divisors = [h for h in range(1, hidden_size + 1) if hidden_size % h == 0 and h <= 64]
+            raise UsageError(f"--block_heads {heads} does not divide the hidden size {hidden_size}: "
+                             f"give --block_d_k or use one of {', '.join(map(str, divisors))}")
+        d_k = hidden_size // heads
+    if d_k < 1:
+        raise UsageError(f"--block_d_k {d_k}: must be at least 1")
+    return heads, d_k
+
+
+@dataclass(kw_only=True)
+class StudentBlockArgs:
+    """The teacher and the shape of the student attention that replaces one of its blocks."""
+    teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
+    block: int | None = field(default=None, metadata={"help": "index of the layer whose attention is replaced"})
+    block_heads: int = field(default=12, metadata={"help": "attention heads of the student block"})
+    block_d_k: int | None = field(default=None, metadata={"help": "width of each head (default: hidden size / heads)"})
+    block_dropout: float = field(default=0.1, metadata={"help": "attention dropout of the student block"})
+
+
+def check_student_block(args: StudentBlockArgs, config, needs_successor: bool = False) -> tuple[int, int]:
+    """(heads, d_k) after checking --block, --block_heads, --block_d_k and --block_dropout."""
+    check_block(args.block, config.num_hidden_layers, needs_successor=needs_successor)
+    if not 0 <= args.block_dropout < 1:
+        raise UsageError(f"--block_dropout {args.block_dropout}: must be in [0, 1)")
+    return student_shape(config.hidden_size, args.block_heads, args.block_d_k)

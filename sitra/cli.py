@@ -10,8 +10,10 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from sitra import fuse, runtime
 from sitra.args import SITRA_METADATA
 from sitra.errors import Interrupted, UsageError
+from sitra.presets import PRESETS
 
 
 class OneLineParser(HfArgumentParser):
@@ -30,21 +32,43 @@ class OneLineParser(HfArgumentParser):
 
 
 def parse(args_class, argv=None, positional: str | None = None):
-    """Parse argv into `args_class`; unknown flags are one-line errors too (exit 2).
+    """Parse argv into `args_class`, then fill every flag not typed from `--preset NAME`.
 
-    `positional` names a field that may also be given by the leading bare arguments.
+    Bad values, unknown flags and an unknown preset are one-line errors (exit 2). `positional`
+    names a field that may also be given by the leading bare arguments.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if positional and argv and not argv[0].startswith("-"):
         bare = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
         argv = [f"--{positional}", *argv[:bare], *argv[bare:]]
     parser = OneLineParser(args_class)
-    args, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True, look_for_args_file=False
-    )
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args
+    try:
+        args, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return apply_preset(args, typed_fields(parser, argv))
+    except UsageError as e:
+        fail(str(e))
+
+
+def typed_fields(parser, argv: list[str]) -> set[str]:
+    """The fields whose flags appear in argv (`--lr 5e-4`, `--lr=5e-4`, `--no_packing`)."""
+    actions = parser._option_string_actions  # argparse's own map of option strings to fields
+    return {actions[a.split("=", 1)[0]].dest for a in argv
+            if a.startswith("-") and a.split("=", 1)[0] in actions}
+
+
+def apply_preset(args, typed: set[str]):
+    """args with every field not in `typed` taken from the preset `args.preset` names, if any."""
+    name = getattr(args, "preset", None)
+    if not name:
+        return args
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name}: unknown; choose from {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(args)}
+    return dataclasses.replace(args, **{k: v for k, v in PRESETS[name]().items() if k in names and k not in typed})
 
 
 def main(args_class, run, argv=None, positional: str | None = None, fused=None):
@@ -54,7 +78,6 @@ def main(args_class, run, argv=None, positional: str | None = None, fused=None):
     fused=(FUSABLE, run_fused): comma lists given to those flags train the grid of them in one
     fused task (sitra.fuse).
     """
-    from sitra import fuse, runtime  # lazy: parsing --help must not import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
     grid = fuse.expand_argv(argv, fused[0]) if fused else None
@@ -74,23 +97,6 @@ def fail(message: str):
     """One line on stderr, exit code 2: how every bad input ends."""
     sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
     sys.exit(2)
-
-
-def apply_preset(args, presets: dict):
-    """Fill every field left at its default from the named preset (`--preset NAME`).
-
-    A flag given explicitly on the command line keeps its value unless it equals the default.
-    """
-    if not getattr(args, "preset", None):
-        return args
-    if args.preset not in presets:
-        raise UsageError(f"--preset {args.preset}: unknown; choose from {', '.join(presets)}")
-    names = {f.name for f in dataclasses.fields(args)}
-    values = {k: v for k, v in presets[args.preset]().items() if k in names}
-    defaults = {f.name: _default(f) for f in dataclasses.fields(args)}
-    return dataclasses.replace(
-        args, **{k: v for k, v in values.items() if getattr(args, k) == defaults[k]}
-    )
 
 
 def _default(f):

@@ -88,10 +88,11 @@ def evaluate_models(models: dict, teacher_name: str, batches, device, desc="eval
 
 
 def format_table(results: dict, gap: tuple[str, str] | None = None) -> str:
-    """A Markdown table: one row per metric, one column per model, plus `gap` = (a - b)."""
+    """A Markdown table: one row per metric, one column per model, plus with gap=(a, b) a column
+    of a's value minus b's, headed `Gap (a - b)` so the table says which difference it shows."""
     names = list(results)
     metrics = [m for m in dict.fromkeys(k for r in results.values() for k in r)]
-    header = ["Metric", *names] + (["Gap"] if gap else [])
+    header = ["Metric", *names] + ([f"Gap ({gap[0]} - {gap[1]})"] if gap else [])
     rows = [header, ["---"] * len(header)]
     for m in metrics:
         row = [m] + [_fmt(results[n].get(m)) for n in names]
@@ -419,3 +420,27 @@ def rouge_config() -> str:
 
     return (f"rouge-score {version('rouge-score')}, {', '.join(ROUGE_TYPES)} F-measure averaged over examples, "
             f"use_stemmer={ROUGE_STEMMER}")
+
+
+def validation_scores(model, batches, device, select_on: str) -> dict:
+    """The held-out numbers the training loop logs; `selection_error` (1 - the --select_on
+    metric, lower is better) chooses the checkpoint."""
+    m = classification_metrics(model, batches, device)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ce": m["ce"], "selection_error": 1 - m[select_on]}
+
+
+def classifier_table(models: dict, batches: dict, device) -> dict:
+    """{model: {validation_accuracy, validation_macro_f1, [test_...], parameters, examples_per_s}};
+    examples/s is timed on the validation split, every model on the same batches in turn."""
+    table, speed = {n: {} for n in models}, {}
+    for split in ("validation", "test"):
+        if split in batches:
+            for n, m in compare_classifiers(models, batches[split], device, desc=f"evaluating on {split}").items():
+                table[n].update({f"{split}_accuracy": m["accuracy"], f"{split}_macro_f1": m["macro_f1"]})
+                speed.setdefault(n, {"parameters": m["parameters"], "examples_per_s": m["examples_per_s"]})
+    return {n: table[n] | speed[n] for n in models}
+
+
+def flat(table: dict) -> dict:
+    """{model/metric: value} for the HDF5 log's final numbers."""
+    return {f"{n}/{k}": v for n, m in table.items() for k, v in m.items()}

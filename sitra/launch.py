@@ -20,12 +20,15 @@ from pathlib import Path
 
 import submitit
 
-from sitra.cli import OneLineParser, apply_preset, fail
-from sitra.errors import UsageError
-from sitra.presets import PRESETS
+from sitra import runtime
+from sitra.args import marked
+from sitra.cli import OneLineParser, apply_preset, fail, typed_fields
+from sitra.errors import Interrupted, UsageError
 from sitra.recipes import JOBS, job_module
-from sitra.results import atomic_write, diff_configs, config_dict
-from sitra.train import Interrupted, request_stop
+from sitra.recipes.collect_results import CollectArgs
+from sitra.recipes.collect_results import run as collect
+from sitra.results import RunLog, atomic_write, config_dict, diff_configs
+from sitra.train import request_stop
 
 
 @dataclass(kw_only=True)
@@ -148,8 +151,7 @@ def expand(job: str, job_argv: list[str], axes: dict, largs: LaunchArgs, sweep: 
         args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
         if rest:
             raise UsageError(f"unrecognized arguments for {job}: {' '.join(rest)}")
-        if getattr(args, "preset", None):
-            args = apply_preset(args, PRESETS)
+        args = apply_preset(args, typed_fields(parser, argv))
         if hasattr(module, "check"):
             module.check(args)
         tasks.append(Task({k: getattr(args, k) for k in values}, args, name))  # typed, as the job saw them
@@ -162,7 +164,7 @@ def refuse_changed_tasks(tasks: list[Task], storage: Path):
     for t in tasks:
         saved = storage / "checkpoints" / t.run_name / "args.json"
         if saved.exists():
-            differ = diff_configs(json.loads(saved.read_text()), config_dict(t.args))
+            differ = diff_configs(json.loads(saved.read_text()), config_dict(t.args), marked(t.args, "not_part_of_run"))
             if differ:
                 raise UsageError(f"--sweep_name: {saved.parent} holds a run with other arguments ({differ}); "
                                  "choose another --sweep_name")
@@ -191,8 +193,6 @@ class JobTask(submitit.helpers.Checkpointable):
         self.job = job
 
     def __call__(self, args):
-        from sitra import runtime
-
         request_stop(False)
         runtime.setup()  # several processes per task: rendezvous from submitit's environment
         sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
@@ -220,8 +220,6 @@ class JobTask(submitit.helpers.Checkpointable):
         """A task that failed before its job opened a log still leaves a `failed` log behind,
         so collect_results reports it as failed, with the error, not as missing."""
         import traceback
-
-        from sitra.results import RunLog
 
         for a in args if isinstance(args, list) else [args]:
             if getattr(a, "run_name", None) and hasattr(a, "storage_directory"):
@@ -350,7 +348,6 @@ def main(argv=None):
         cluster = largs.cluster or ("slurm" if shutil.which("sbatch") else "local")
         if largs.wait or cluster == "local":  # local tasks are children of this process
             wait(jobs)
-            from sitra.recipes.collect_results import CollectArgs, run as collect
 
             collect(CollectArgs(sweep_dir=str(manifest.parent)))
     except UsageError as e:

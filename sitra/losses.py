@@ -4,6 +4,7 @@ Masks are bool and broadcast against the compared tensors; padding is simply abs
 Every loss upcasts to fp32. Worked examples: tests/test_losses.py.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -147,20 +148,6 @@ def chunked_logit_loss(loss_fn, student_hidden, student_head, teacher_hidden, te
     return out / total
 
 
-def masked_lm_distillation(student_logits, teacher_logits, labels, mask, temperature=1.0, alpha=0.5):
-    """alpha * T^2 * KL(p_T || p_S) + (1 - alpha) * CE(student, labels), p = softmax(logits / T),
-    each term averaged over the positions where mask is True (the masked tokens of MLM).
-
-    logits [..., V]; labels and mask [...]; labels elsewhere (e.g. -100) are never read.
-    Returns (loss, kl, ce) with kl already times T^2, so loss = alpha * kl + (1 - alpha) * ce.
-    """
-    kl = kl_div(student_logits, teacher_logits, mask, temperature)
-    per_pos = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]),
-                              torch.where(mask, labels, 0).reshape(-1), reduction="none").view(labels.shape)
-    ce = _masked_mean(per_pos, mask)
-    return alpha * kl + (1 - alpha) * ce, kl, ce
-
-
 # ---------------------------------------------------------------------------------------------
 # Recorded (sparse) teachers: the teacher's distribution is known only at a few ids per position.
 
@@ -248,3 +235,89 @@ def chunked_record_loss(loss_fn, student_hidden, student_head, records: tuple, m
 
 # --loss names that records can serve: each compares distributions, so it can be taken on k + 1 bins
 RECORD_LOSSES = {"forward_kl": kl_div, "reverse_kl": reverse_kl, "jsd": generalized_jsd}
+
+
+# ---------------------------------------------------------------------------------------------
+# The distillation objective of every job
+
+
+class TopK(NamedTuple):
+    """A teacher recorded as its top-k ids, their log-probabilities and the log of the rest mass
+    (tensors [..., k], [..., k], [...]); see `topk_logit_loss`."""
+    ids: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+
+
+class Sampled(NamedTuple):
+    """A teacher recorded as the distinct ids of K draws, their log-probabilities and their share
+    of the draws (tensors [..., k]); see `sampled_kl`."""
+    ids: torch.Tensor
+    logp: torch.Tensor
+    weight: torch.Tensor
+
+
+def divergence_term(student_logits, teacher, mask, *, divergence: str = "forward_kl", temperature: float = 1.0,
+                    beta: float = 0.5):
+    """T^2 * D(p_T || p_S) averaged where mask is True, with D named by --loss (LOGIT_LOSSES) and the
+    teacher given as dense logits [..., V], `TopK` records or `Sampled` records."""
+    extra = {"beta": beta} if divergence == "jsd" else {}
+    if isinstance(teacher, TopK):
+        return topk_logit_loss(RECORD_LOSSES[divergence], student_logits, *teacher, mask, temperature=temperature, **extra)
+    if isinstance(teacher, Sampled):
+        if divergence != "forward_kl":
+            raise ValueError(f"sampled records estimate forward_kl only, not {divergence}")
+        return sampled_kl(student_logits, *teacher, mask, temperature=temperature)
+    return LOGIT_LOSSES[divergence](student_logits, teacher, mask, temperature=temperature, **extra)
+
+
+def distill_loss(student_logits, teacher, mask, targets=None, *, divergence: str = "forward_kl",
+                 temperature: float = 1.0, beta: float = 0.5, kd_weight: float = 1.0, ce_weight: float = 0.0):
+    """(loss, kd, ce): the one distillation objective of every sitra job,
+
+        loss = kd_weight * T^2 * D(p_T || p_S) + ce_weight * CE(student, targets),
+
+    both terms averaged over the positions where mask is True. student_logits [..., V]; teacher:
+    dense logits [..., V] or records (`TopK`, `Sampled`); targets [...] (labels, next tokens;
+    read only where mask is True) or None for no cross-entropy term (ce is then 0).
+    """
+    kd = divergence_term(student_logits, teacher, mask, divergence=divergence, temperature=temperature, beta=beta)
+    if targets is None:
+        return kd_weight * kd, kd, kd.new_zeros(())
+    if mask.any():
+        ce = F.cross_entropy(student_logits[mask].float(), targets[mask])
+    else:
+        ce = kd * 0  # in the graph, so an empty batch still backpropagates
+    return kd_weight * kd + ce_weight * ce, kd, ce
+
+
+def compare(out, target, token_mask, criterion: str, on: str = "output", temperature: float = 1.0, head=None):
+    """The --criterion between a student's hidden states and the teacher's, over real tokens.
+
+    on="output" compares the hidden states; on="logits" the MLM distributions
+    softmax(head(h) / T): soft-target cross-entropy (times T^2) for CrossEntropy, the
+    probabilities for MSE and L1.
+    """
+    loss_fn = LOSSES[criterion]
+    if on == "output":
+        return loss_fn(out, target, token_mask[..., None])
+    s, t = head(out), head(target).detach()
+    if criterion == "CrossEntropy":
+        return loss_fn(s, t, token_mask, temperature)
+    return loss_fn(F.softmax(s.float() / temperature, -1), F.softmax(t.float() / temperature, -1), token_mask[..., None])
+
+
+@torch.no_grad()
+def fidelity(out, target, token_mask) -> dict:
+    return {"block_mse": float(mse(out, target, token_mask[..., None])),
+            "block_cosine": float(cosine_similarity(out, target, token_mask))}
+
+
+def masked_kd(student_logits, teacher_logits, labels, objective: dict) -> tuple:
+    """(loss, parts): sitra.losses.distill_loss over the masked positions whose logits are given
+    ([N, V] each, labels [N]), with the divergence, the MLM cross-entropy and accuracy as parts."""
+    everywhere = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    loss, kd, ce = distill_loss(student_logits, teacher_logits, everywhere, labels, **objective)
+    hits = (student_logits.detach().argmax(-1) == labels).float()
+    divergence = "kl" if objective["divergence"] == "forward_kl" else objective["divergence"]
+    return loss, {divergence: kd.detach(), "mlm_ce": ce.detach(), "mlm_accuracy": hits.mean() if len(labels) else hits.sum()}

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from sitra.errors import UsageError
+from sitra.losses import RECORD_LOSSES, Sampled, TopK
+from sitra.results import atomic_write
 
 FORMAT = "sitra-teacher-records/2"
-SAMPLINGS = ("top_k", "random")
 # the batch tensors RecordCollator adds, in the order the record losses take them
 RECORD_KEYS = {"top_k": ("teacher_ids", "teacher_logp", "teacher_rest"),
                "random": ("teacher_ids", "teacher_logp", "teacher_weight")}
@@ -82,8 +83,6 @@ def open_records(args, job: str, settings: dict | None = None) -> "TeacherRecord
     """The records of `args.teacher_logits` for a student of `job`, refused (one line) where they
     cannot stand in for its teacher: a --loss they cannot serve (raw logits; sampled records serve
     forward KL only), another job, teacher, sampling, --temperature or other setting of the job's."""
-    from sitra.losses import RECORD_LOSSES
-
     loss = getattr(args, "loss", "forward_kl")
     if loss not in RECORD_LOSSES:
         raise UsageError(f"--loss {loss}: compares raw logits, which records do not keep; with --teacher_logits "
@@ -104,6 +103,17 @@ def open_records(args, job: str, settings: dict | None = None) -> "TeacherRecord
     rec.check({"--teacher_logits_sampling": args.teacher_logits_sampling or rec.sampling, "--temperature": args.temperature}
               | (settings or {}))
     return rec
+
+
+def as_teacher(sampling: str, ids, logp, third):
+    """The recorded teacher of some positions as sitra.losses.distill_loss takes it: the
+    tensors RecordCollator adds (RECORD_KEYS[sampling], in that order) at those positions."""
+    return (TopK if sampling == "top_k" else Sampled)(ids, logp, third)
+
+
+def from_batch(batch, sampling: str, where=slice(None)):
+    """as_teacher of a batch's records at `where` (an index or mask of the batch's positions)."""
+    return as_teacher(sampling, *(batch[k][where] for k in RECORD_KEYS[sampling]))
 
 
 def with_recorded_teacher(args, rec: "TeacherRecords"):
@@ -277,7 +287,6 @@ SAFETENSORS_DTYPES = {"U8": "u1", "U16": "<u2", "U32": "<u4", "I64": "<i8", "F16
 def write_shard(path: Path, arrays: dict, metadata: dict):
     from safetensors.numpy import save_file
 
-    from sitra.results import atomic_write
 
     atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
                                              metadata={k: str(v) for k, v in metadata.items()}))

@@ -24,7 +24,7 @@ import numpy as np
 
 from sitra import runtime
 from sitra.args import marked
-from sitra.errors import UsageError
+from sitra.errors import Interrupted, UsageError
 from sitra.version import __version__
 
 def config_dict(args) -> dict:
@@ -98,8 +98,6 @@ class RunLog:
     def __exit__(self, kind, error, tb):
         """A job that raised is marked failed. One that was stopped to be resumed (Interrupted, a
         requeue's SystemExit, Ctrl-C) stays `running`."""
-        from sitra.errors import Interrupted
-
         if kind is not None and issubclass(kind, Exception) and not issubclass(kind, Interrupted):
             import traceback
 

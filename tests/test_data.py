@@ -17,7 +17,7 @@ from sitra.errors import UsageError
 from sitra.data import (
     BUILTIN, Batches, MLMCollator, example_generator, load_texts, python_docs_paragraphs, take_fraction, tokenize_lines,
 )
-from sitra.recipes.common import TextDataArgs, check_data_args
+from sitra.data.text import TextDataArgs, check_data_args
 
 
 @pytest.fixture(scope="module")

@@ -417,14 +417,15 @@ def test_masked_kd_against_plain_python(temperature, alpha):
     mask = torch.rand(3, 5, generator=g) < 0.4
     mask[0, 0] = True
     labels[~mask] = -100
-    got = losses.masked_lm_distillation(s, t, labels, mask, temperature, alpha)
+    objective = dict(temperature=temperature, kd_weight=alpha, ce_weight=1 - alpha)  # --alpha of distill_geneformer
+    got = losses.distill_loss(s, t, mask, labels, **objective)
     want = py_masked_kd(s.tolist(), t.tolist(), labels.tolist(), mask.tolist(), temperature, alpha)
     for a, b in zip(got, want):
         assert abs(float(a) - b) < 1e-5 * max(1, abs(b))
     # unmasked positions never count: noise there leaves the value unchanged
     noisy_s, noisy_t = s.clone(), t.clone()
     noisy_s[~mask], noisy_t[~mask] = 1e4, float("nan")
-    again = losses.masked_lm_distillation(noisy_s, noisy_t, labels, mask, temperature, alpha)
+    again = losses.distill_loss(noisy_s, noisy_t, mask, labels, **objective)
     assert torch.allclose(again[0], got[0])
 
 

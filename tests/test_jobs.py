@@ -86,7 +86,7 @@ def test_build_and_evaluate_retrained(tiny_teacher, text_files, tmp_path, capsys
     # the teacher's MLM numbers against a direct computation on the same fixed masks
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     teacher = AutoModelForMaskedLM.from_pretrained(tiny_teacher).eval()
-    from sitra.recipes.common import text_batches
+    from sitra.data.mlm import text_batches
 
     _, batches = text_batches(eval_retrained.EvalArgs(train_file=str(text_files / "train.txt"),
                                                       eval_file=str(text_files / "eval.txt"), max_seq_length=32),

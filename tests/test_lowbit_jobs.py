@@ -29,7 +29,7 @@ from sitra.recipes import (
     distill_summarizer,
     export_ternary,
 )
-from sitra.recipes.common import load_weights
+from sitra.models.assembly import load_weights
 from sitra.results import read_log
 
 JOBS = {"geneformer": (distill_geneformer, AutoModelForMaskedLM),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sitra import models
+from sitra.models import assembly
 from sitra.recipes import (
     build_merged, eval_merge_layer, eval_merged, finetune_conditioned_fully_merged as conditioned,
     finetune_fully_merged, retrain_merge, train_block_till_end, train_full_merged_model,
@@ -71,7 +72,7 @@ def test_build_merged_halves_the_layers_and_round_trips(tiny_teacher, merged_sto
     teacher = models.load_model(tiny_teacher)
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in teacher.parameters())
     # the folder reproduces the trained merged layer exactly on the teacher's input of layer 0
-    _, trained = retrain_merge.read_merged(merged_storage / "checkpoints" / "merge0_h2_dk16_ff64_average_MSE", teacher, tiny_teacher)
+    _, trained = assembly.read_merged(merged_storage / "checkpoints" / "merge0_h2_dk16_ff64_average_MSE", teacher, tiny_teacher)
     assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), trained.state_dict().values()))
 
 

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
     BertForSequenceClassification, GPTNeoXConfig
 
 from conftest import SHARED, build_teacher, build_tokenizer
-from sitra import losses
 from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.evaluate import accuracy, generate_summaries, macro_f1, rouge
@@ -62,7 +61,7 @@ def test_text_column_is_sentence_or_content_and_labels_map_to_ids():
 def test_validation_from_train_is_held_out_and_datasets_folders_need_a_validation_split(tmp_path):
     import datasets
 
-    from sitra.recipes.task_common import TaskDataArgs, check_task_data, load_splits
+    from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
 
     train = write_tsv(tmp_path / "train.tsv", ["label", "sentence"], [(i % 2, f"sentence {i}") for i in range(100)])
     args = TaskDataArgs(train_file=train, validation_from_train=10, train_fraction=0.5)
@@ -88,7 +87,7 @@ def test_prompt_template_flag_reads_a_typed_newline():
 def test_sst2_files_read_with_their_columns():
     if not (SHARED / "data" / "sst2" / "dev.tsv").exists():
         pytest.skip("../shared/data/sst2 is absent (a fresh clone): the SST-2 test needs it")
-    from sitra.recipes.task_common import ClassifierDataArgs, labelled_splits
+    from sitra.data.tasks import ClassifierDataArgs, labelled_splits
 
     splits = labelled_splits(ClassifierDataArgs(train_file=str(SHARED / "data/sst2/train.tsv"),
                                                 validation_file=str(SHARED / "data/sst2/dev.tsv")))
@@ -142,9 +141,10 @@ def test_classification_kd_loss_against_its_formula(loss):
             p, q = q, p
         kl += sum(a * math.log(a / b) for a, b in zip(p, q)) / 2
     expected = alpha * ce + (1 - alpha) * T**2 * kl
-    value, parts = distill_classifier.classification_kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha, T, loss)
+    objective = dict(divergence=loss, temperature=T, kd_weight=1 - alpha, ce_weight=alpha)
+    value, parts = distill_classifier.classification_kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), objective, loss)
     assert float(value) == pytest.approx(expected, rel=1e-6)
-    assert parts["ce"] == pytest.approx(ce, rel=1e-6) and parts[loss] == pytest.approx(T**2 * kl, rel=1e-6)
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6) and float(parts[loss]) == pytest.approx(T**2 * kl, rel=1e-6)
 
 
 def test_teacher_layers_student_copies_every_kth_layer_exactly():
@@ -202,7 +202,8 @@ def test_summary_kd_uses_summary_positions_only(lms):
     b = tasks.summary_example([14], [23], 3)
     batch = tasks.SummaryCollator(0)([a, b])
     alpha, T = 0.4, 2.0
-    value = distill_summarizer.summary_kd_loss(student, teacher, batch, losses.kl_div, alpha, T, chunks=2)
+    objective = dict(divergence="forward_kl", temperature=T, kd_weight=1 - alpha, ce_weight=alpha)
+    value = distill_summarizer.summary_kd_loss(student, teacher, batch, objective, chunks=2)
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -214,7 +215,7 @@ def test_summary_kd_uses_summary_positions_only(lms):
         kl += float((p * (p.log() - q.log())).sum()) / len(positions)
     assert float(value.detach()) == pytest.approx(alpha * ce + (1 - alpha) * T**2 * kl, rel=1e-5)
     noisy = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 77))
-    again = distill_summarizer.summary_kd_loss(student, teacher, noisy, losses.kl_div, alpha, T)
+    again = distill_summarizer.summary_kd_loss(student, teacher, noisy, objective)
     assert float(again.detach()) == pytest.approx(float(value.detach()), rel=1e-6)
 
 

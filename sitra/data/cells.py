@@ -11,6 +11,7 @@ of the file (a stable sort), so a file always gives the same corpus.
 import pickle
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -389,3 +390,52 @@ class BucketedMLMCollator(MLMCollator):
 
     def pad(self, examples):
         return pad(examples, self.pad_id, pad_to_multiple_of=self.bucket(max(len(x) for x in examples)))
+
+
+@dataclass(kw_only=True)
+class CellDataArgs:
+    """The pretokenized cell corpus, its fixed train/validation split and the masking."""
+    data: str | None = field(default=None, metadata={
+        "help": "corpus folder (datasets save_to_disk) with an input_ids column, e.g. from tokenize_cells"})
+    validation_fraction: float = field(default=0.05, metadata={"help": "share of the cells held out for validation"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation split (fixed apart from --seed)"})
+    max_eval_cells: int = field(default=1000, metadata={"help": "validation cells evaluated (0: all held-out cells)"})
+    mlm_probability: float = field(default=0.15, metadata={"help": "share of the genes of a cell chosen for masking"})
+    mask_token_id: int = field(default=GENEFORMER_MASK_ID, metadata={"help": "id of <mask> (Geneformer V1: 1)"})
+    special_token_ids: list[int] = field(default_factory=list, metadata={
+        "help": "ids never masked nor inserted (default: the pad and mask ids; V2 adds <cls> and <eos>)"})
+
+
+def check_cell_data(args: CellDataArgs, config) -> dict:
+    """The corpus and masking settings for a teacher config, checked before any compute:
+    {dataset, pad_id, mask_id, special_ids, vocab_size, max_length}."""
+    if not args.data:
+        raise UsageError("--data is required: a pretokenized corpus folder (see tokenize_cells)")
+    if not 0 < args.validation_fraction < 1:
+        raise UsageError(f"--validation_fraction {args.validation_fraction}: must be in (0, 1)")
+    if not 0 < args.mlm_probability < 1:
+        raise UsageError(f"--mlm_probability {args.mlm_probability}: must be in (0, 1)")
+    if args.max_eval_cells < 0:
+        raise UsageError(f"--max_eval_cells {args.max_eval_cells}: must be 0 (all) or more")
+    vocab = config.vocab_size
+    pad_id = GENEFORMER_PAD_ID if config.pad_token_id is None else config.pad_token_id
+    special = sorted(set(args.special_token_ids or [pad_id, args.mask_token_id]) | {pad_id, args.mask_token_id})
+    bad = [i for i in special if not 0 <= i < vocab]
+    if bad:
+        flag = "--mask_token_id" if args.mask_token_id in bad else "--special_token_ids"
+        raise UsageError(f"{flag}: id {bad[0]} is outside the teacher's vocabulary 0-{vocab - 1}")
+    dataset = load_corpus(args.data)
+    return {"dataset": dataset, "pad_id": pad_id, "mask_id": args.mask_token_id, "special_ids": special,
+            "vocab_size": vocab, "max_length": config.max_position_embeddings}
+
+
+def masking(cells: dict, args: CellDataArgs) -> tuple:
+    """MLMCollator's arguments: (pad id, mask id, special ids, vocabulary, masking share)."""
+    return cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability
+
+
+def eval_cell_batches(cells: dict, args: CellDataArgs, batch_size: int, seed: int):
+    """(train cells, validation cells, validation batches with fixed masks)."""
+    train_cells, eval_cells = split_cells(cells["dataset"], args.validation_fraction, args.split_seed,
+                                          args.max_eval_cells, cells["max_length"])
+    return train_cells, eval_cells, Batches(eval_cells, batch_size, MLMCollator(*masking(cells, args)), seed=seed, shuffle=False)

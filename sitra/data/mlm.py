@@ -4,6 +4,9 @@ import copy
 import numpy as np
 import torch
 
+from sitra.data.text import TextDataArgs, load_texts, take_fraction
+from sitra.errors import UsageError
+
 
 def tokenize_lines(lines: list[str], tokenizer, max_seq_length: int, min_tokens: int = 4) -> list[list[int]]:
     """Token ids per line, with special tokens, cut to `max_seq_length`; very short lines dropped."""
@@ -101,7 +104,6 @@ class Batches:
         batch before it.
         """
         if len(self.examples) < world:
-            from sitra.errors import UsageError
 
             raise UsageError(f"{len(self.examples)} training examples cannot be shared by {world} processes")
         part = copy.copy(self)
@@ -147,3 +149,19 @@ class Batches:
             idx = order[bounds[b]:bounds[b + 1]]
             idx = idx[self._slice(len(idx))].tolist()
             yield collate([self.examples[i] for i in idx], [example_generator(self.seed, epoch, i) for i in idx])
+
+
+def text_batches(args: TextDataArgs, tokenizer, batch_size: int, seed: int, need_train: bool = True):
+    """(train batches or None, held-out batches with fixed masks) of tokenised, masked text."""
+    train_lines, eval_lines = load_texts(args.dataset_name, args.dataset_config, args.train_file, args.eval_file)
+    collate = MLMCollator.for_tokenizer(tokenizer, args.mlm_probability)
+    held_out = tokenize_lines(take_fraction(eval_lines, args.percentage_data), tokenizer, args.max_seq_length)
+    if not held_out:
+        raise UsageError("the held-out text is empty: give --eval_file or more data")
+    eval_batches = Batches(held_out, batch_size, collate, seed=seed, shuffle=False)
+    if not need_train:
+        return None, eval_batches
+    train = tokenize_lines(take_fraction(train_lines, args.percentage_data), tokenizer, args.max_seq_length)
+    if not train:
+        raise UsageError("the training text is empty: give --train_file or more data")
+    return Batches(train, batch_size, collate, seed=seed), eval_batches

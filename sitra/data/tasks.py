@@ -2,12 +2,15 @@
 `datasets` folder, their label ids, prompts with masked labels, and the collators that pad them."""
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from sitra.errors import UsageError
-from sitra.data.mlm import pad
+from sitra.data.mlm import Batches, pad
+from sitra.data.text import take_fraction
 
 SPLITS = ("train", "validation", "test")
 TEXT_COLUMNS = ("sentence", "content")  # GLUE SST-2 train.tsv has `sentence`, some dev.tsv copies `content`
@@ -165,3 +168,135 @@ class SummaryCollator:
         input_ids, attention_mask = pad([e[0] for e in examples], self.pad_id)
         labels, _ = pad([e[1] for e in examples], -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass(kw_only=True)
+class TaskDataArgs:
+    """Where the train, validation and test splits come from."""
+    train_file: str | None = field(default=None, metadata={"help": "training split: .tsv (GLUE style), .csv or .jsonl"})
+    validation_file: str | None = field(default=None, metadata={"help": "validation split: checkpoints are chosen on it"})
+    test_file: str | None = field(default=None, metadata={"help": "test split (optional): evaluated once, with the chosen checkpoint"})
+    dataset_dir: str | None = field(default=None, metadata={
+        "help": "instead of files: a datasets folder (DatasetDict.save_to_disk) with train, validation and optional test splits"})
+    validation_from_train: int = field(default=0, metadata={
+        "help": "hold out this many training examples (taken evenly) as the validation split, instead of --validation_file; "
+                "then a published dev set can be the --test_file"})
+    train_fraction: float = field(default=1.0, metadata={"help": "fraction in (0, 1] of the training split to use, taken evenly"})
+
+
+def check_task_data(args: TaskDataArgs):
+    """One-line errors for the data flags, before any compute."""
+    if not 0 < args.train_fraction <= 1:
+        raise UsageError(f"--train_fraction {args.train_fraction}: must be in (0, 1]")
+    if args.validation_from_train < 0:
+        raise UsageError(f"--validation_from_train {args.validation_from_train}: must be 0 (off) or more")
+    if args.validation_from_train and args.validation_file:
+        raise UsageError(f"--validation_from_train {args.validation_from_train}: give it or --validation_file, not both")
+    files = {s: getattr(args, f"{s}_file") for s in SPLITS}
+    if args.dataset_dir:
+        given = [f"--{s}_file" for s, f in files.items() if f]
+        if given:
+            raise UsageError(f"--dataset_dir {args.dataset_dir}: give it or {', '.join(given)}, not both")
+        if not Path(args.dataset_dir).is_dir():
+            raise UsageError(f"--dataset_dir {args.dataset_dir}: no such folder")
+        return
+    for split, path in files.items():
+        if path and not Path(path).is_file():
+            raise UsageError(f"--{split}_file {path}: no such file")
+    if not files["train"]:
+        raise UsageError("--train_file is required (or --dataset_dir)")
+    if not files["validation"] and not args.validation_from_train:
+        raise UsageError("--validation_file is required (or --validation_from_train N, or --dataset_dir)")
+    given = [(s, Path(p).resolve()) for s, p in files.items() if p]
+    for i, (a, pa) in enumerate(given):
+        for b, pb in given[i + 1:]:
+            if pa == pb:
+                raise UsageError(f"--{b}_file {files[b]}: the same file as --{a}_file; the {b} split must be "
+                                 "held out from it")
+
+
+def load_splits(args: TaskDataArgs) -> dict[str, tuple[list[dict], str]]:
+    """{split: (rows, how error messages name the source)}: the validation rows held out from the
+    training rows where --validation_from_train asks, then the training rows thinned to
+    --train_fraction."""
+    if args.dataset_dir:
+        found = read_dataset_dir(args.dataset_dir)
+        out = {s: (rows, f"--dataset_dir {args.dataset_dir} ({s})") for s, rows in found.items()}
+    else:
+        out = {}
+        for split in SPLITS:
+            path = getattr(args, f"{split}_file")
+            if path:
+                out[split] = (read_rows(path, f"--{split}_file"), f"--{split}_file {path}")
+    n = args.validation_from_train
+    if n:
+        if "train" not in out:
+            raise UsageError(f"--validation_from_train {n}: there is no training split to take it from")
+        rows, source = out["train"]
+        if n >= len(rows):
+            raise UsageError(f"--validation_from_train {n}: the training split has only {len(rows)} examples")
+        held = set(take_fraction(list(range(len(rows))), n / len(rows))[:n])
+        out["validation"] = ([r for i, r in enumerate(rows) if i in held], f"{source} (held-out part)")
+        out["train"] = ([r for i, r in enumerate(rows) if i not in held], source)
+    if "validation" not in out:
+        raise UsageError(f"--dataset_dir {args.dataset_dir}: has no validation split (it has: {', '.join(out)}); "
+                         "give --validation_from_train N")
+    if "train" in out:
+        rows, source = out["train"]
+        out["train"] = (take_fraction(rows, args.train_fraction), source)
+    return out
+
+
+@dataclass(kw_only=True)
+class ClassifierDataArgs(TaskDataArgs):
+    text_column: str | None = field(default=None, metadata={"help": "column of the text (default: sentence or content)"})
+    label_column: str = field(default="label", metadata={"help": "column of the label (an integer id or a label name)"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer texts are cut)"})
+    select_on: Literal["accuracy", "macro_f1"] = field(default="accuracy", metadata={
+        "help": "validation metric whose best value chooses the checkpoint"})
+
+
+def check_classifier_data(args: ClassifierDataArgs):
+    check_task_data(args)
+    if args.max_seq_length < 4:
+        raise UsageError(f"--max_seq_length {args.max_seq_length}: must be at least 4")
+
+
+def labelled_splits(args: ClassifierDataArgs) -> dict[str, tuple[list[str], list[str], str]]:
+    """{split: (texts, label strings, source)}; a missing column is a one-line error."""
+    out = {}
+    for split, (rows, source) in load_splits(args).items():
+        text = pick_column(rows, args.text_column, TEXT_COLUMNS, "--text_column", source)
+        label = pick_column(rows, args.label_column, (), "--label_column", source)
+        out[split] = (column_values(rows, text, source), column_values(rows, label, source), source)
+    return out
+
+
+def classification_batches(splits: dict, id2label: dict, tokenizer, max_length: int, batch_size: int, seed: int,
+                           teacher_tokenizer=None) -> dict:
+    """{split: Batches}: training batches shuffled per epoch, held-out splits in a fixed order
+    sorted by length (less padding; metrics do not depend on the order). With a
+    `teacher_tokenizer` each example also carries the teacher's token ids."""
+    pad_id = tokenizer.pad_token_id
+    teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None
+    collate = ClassificationCollator(pad_id, teacher_pad)
+    out = {}
+    for split, (texts, labels, source) in splits.items():
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        y = label_ids(labels, id2label, source)
+        examples = [(a, b) for a, b in zip(ids, y)]
+        if teacher_tokenizer is not None:
+            t_ids = teacher_tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+            examples = [(*e, t) for e, t in zip(examples, t_ids)]
+        if split == "train":
+            out[split] = Batches(examples, batch_size, collate, seed=seed)
+        else:
+            examples.sort(key=lambda e: len(e[0]))
+            out[split] = Batches(examples, batch_size, collate, seed=seed, shuffle=False)
+    return out
+
+
+def check_padding(tokenizer, flag: str, name: str):
+    """Dynamic padding needs a padding token (GPT-style tokenizers may lack one)."""
+    if tokenizer.pad_token_id is None:
+        raise UsageError(f"{flag} {name}: its tokenizer has no padding token; save it with one (e.g. pad_token = eos_token)")

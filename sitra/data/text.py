@@ -1,4 +1,5 @@
 """Text corpora: WikiText through `datasets`, local text files, and a built-in offline corpus."""
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sitra.errors import UsageError
@@ -77,3 +78,29 @@ def take_fraction(items: list, fraction: float) -> list:
     n = len(items)
     k = max(1, round(n * fraction)) if n else 0
     return [items[(i * n) // k] for i in range(k)]
+
+
+@dataclass(kw_only=True)
+class TextDataArgs:
+    """Where masked-language-model text comes from."""
+    dataset_name: str = field(default="wikitext", metadata={
+        "help": f"datasets hub name, or '{BUILTIN}' for the offline corpus every Python ships"})
+    dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
+    train_file: str | None = field(default=None, metadata={"help": "local text file, one example per line"})
+    eval_file: str | None = field(default=None, metadata={"help": "local held-out text file, one example per line"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer lines are cut)"})
+    percentage_data: float = field(default=1.0, metadata={"help": "fraction in (0, 1] of the data to use, taken evenly"})
+    mlm_probability: float = field(default=0.15, metadata={"help": "fraction of tokens chosen for masking"})
+
+
+def check_data_args(args: TextDataArgs):
+    if not 0 < args.percentage_data <= 1:
+        raise UsageError(f"--percentage_data {args.percentage_data}: must be in (0, 1]")
+    if not 0 < args.mlm_probability < 1:
+        raise UsageError(f"--mlm_probability {args.mlm_probability}: must be in (0, 1)")
+    if args.max_seq_length < 8:
+        raise UsageError(f"--max_seq_length {args.max_seq_length}: must be at least 8")
+    for flag in ("train_file", "eval_file"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise UsageError(f"--{flag} {path}: no such file")

@@ -8,6 +8,6 @@ from sitra.models.teacher import has_mlm_head, load_config, load_model, load_tok
 from sitra.models.capture import apply_layers, block_io, last_hidden_state, layer_io, mlm_logits_from_hidden, run_layers
 from sitra.models.merged import INITS, new_merged_layer
 from sitra.models.lowbit import (
-    FrozenTernaryLinear, LowBitArgs, TernaryLinear, check_lowbit, export_packed, load_packed, load_teacher,
+    FrozenTernaryLinear, LowBitArgs, TernaryLinear, check_lowbit, export_packed, load_packed,
     prepare_student, quantize_teacher, ternarize,
 )

@@ -6,6 +6,8 @@ import re
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from sitra.errors import UsageError
+
 LAYER_KEY = re.compile(r"\.(layers|layer|h|blocks)\.(\d+)\.")
 
 
@@ -55,7 +57,6 @@ def shared_vocab(teacher_vocab: dict, student_vocab: dict, teacher_rows: int, st
     where any model has rows beyond n (None otherwise). Tokenizers that really differ (a token
     with another id, or missing) are a one-line UsageError naming `student`.
     """
-    from sitra.errors import UsageError
 
     if teacher_vocab != student_vocab:
         differ = sorted(t for t in teacher_vocab.keys() | student_vocab.keys() if teacher_vocab.get(t) != student_vocab.get(t))

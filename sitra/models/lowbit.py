@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 from sitra.errors import UsageError
+from sitra.models import bert
+from sitra.models.capture import transformer_layers
 
 EPS = 1e-5
 STUDENT_BITS = (1.58,)
@@ -180,8 +183,6 @@ def full_precision(model):
 def select_linear(model, patterns: list[str] | None = None, flag: str = "--quantize_modules") -> list[str]:
     """Names of the nn.Linear modules to make ternary: those whose name matches any regular
     expression in `patterns` (each must match one), else every Linear inside the transformer layers."""
-    from sitra.models.capture import transformer_layers
-
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FrozenTernaryLinear)]
     if patterns:
         chosen = set()
@@ -307,12 +308,8 @@ def export_packed(model, folder, dtype: torch.dtype = torch.float32, tokenizer=N
 
 def model_class(config):
     """The model class named in config.architectures (transformers' or sitra's own)."""
-    import transformers
-
-    from sitra import models
-
     for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None) or getattr(models, arch, None)
+        cls = getattr(transformers, arch, None) or getattr(bert, arch, None)
         if cls is not None:
             return cls
     raise UsageError(f"config.json names no model class this version knows ({config.architectures})")
@@ -475,11 +472,3 @@ def card_lines(folder, ternary: list[str], teacher_info: dict) -> list[str]:
                      f"{teacher_info[f'teacher_8bit_{unit}s']:,} held-out {unit}s")
         lines.append(line)
     return lines
-
-
-def load_teacher(path: str, device, args: LowBitArgs, auto=None, held_out=(), flag: str = "--teacher"):
-    """(frozen teacher on `device`, numbers to log): full precision, or 8-bit (see quantize_teacher)."""
-    from sitra.models.teacher import load_model
-
-    teacher = load_model(path, "cpu" if args.teacher_bits else device, flag=flag, auto=auto)
-    return teacher, quantize_teacher(teacher, device, args, held_out)

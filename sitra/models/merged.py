@@ -4,7 +4,9 @@ import copy
 import torch
 from transformers.models.bert.modeling_bert import BertLayer
 
+from sitra.losses import compare, fidelity
 from sitra.models.attention import StudentSelfAttention, init_linear
+from sitra.models.capture import apply_layers, layers_io
 from sitra.models.bert import encoder_layers
 
 INITS = ("first", "average", "random")
@@ -40,3 +42,24 @@ def new_merged_layer(teacher, first: int, heads: int, d_k: int, dropout: float, 
             out.weight.copy_(torch.eye(out.weight.shape[0]))
             out.bias.zero_()
     return layer
+
+
+def merge_step(layer, teacher, block: int, batch, criterion: str, on: str, temperature: float):
+    """(loss, fidelity) of the merged layer on one batch: teacher input of `block` in, teacher
+    output of `block + 1` as the target."""
+    token_mask = batch["attention_mask"].bool()
+    x, target = batch["layer_io"][(block, block + 2)]  # from the shared teacher pass (teacher_pass)
+    x, target = x.clone(), target.clone()
+    out = apply_layers([layer], teacher.config, x, batch["attention_mask"])
+    loss = compare(out, target, token_mask, criterion, on, temperature, head=getattr(teacher, "cls", None))
+    return loss, fidelity(out, target, token_mask)
+
+
+def merge_teacher_pass(teacher, blocks: list[int]):
+    """prepare(batch): the teacher's input of layer b and output of layer b + 1 for every
+    student's b, from one forward."""
+    def prepare(batch):
+        with torch.inference_mode():
+            spans = [(b, b + 2) for b in blocks]
+            return {**batch, "layer_io": layers_io(teacher, spans, batch["input_ids"], batch["attention_mask"])}
+    return prepare

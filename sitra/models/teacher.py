@@ -83,3 +83,18 @@ def load_tokenizer(name: str, flag: str = "--teacher"):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {name}: cannot load its tokenizer ({_first_line(e)})") from None
+
+
+def is_classifier(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def declared_labels(name: str, config) -> int | None:
+    """The label count a model folder declares (a classifier, or a config.json that names its
+    labels); None for an encoder whose head will be new."""
+    import json
+
+    raw = json.loads((Path(name) / "config.json").read_text()) if (Path(name) / "config.json").is_file() else {}
+    if is_classifier(config) or "id2label" in raw or "num_labels" in raw:
+        return config.num_labels
+    return None

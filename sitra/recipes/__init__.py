@@ -2,6 +2,8 @@
 `check(args)` (bad input found before any compute)."""
 import importlib
 
+from sitra.errors import UsageError
+
 JOBS = {
     "retrain_single_block": "sitra.recipes.retrain_single_block",
     "build_retrained": "sitra.recipes.build_retrained",
@@ -30,8 +32,7 @@ JOBS = {
 
 
 def job_module(name: str):
-    from sitra.errors import UsageError
-
+    """The job's recipe module, imported on demand (importing every recipe would load every model family)."""
     if name not in JOBS:
         raise UsageError(f"job {name!r}: unknown; choose from {', '.join(JOBS)}")
     return importlib.import_module(JOBS[name])

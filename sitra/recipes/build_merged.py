@@ -2,26 +2,23 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sitra.args import PresetArgs
 from sitra import models
-from sitra.cli import apply_preset
 from sitra.errors import UsageError
-from sitra.presets import PRESETS
-from sitra.recipes.build_retrained import outputs_equal, save_model_folder
-from sitra.recipes.retrain_merge import merge_run_start, merge_runs, read_merged
+from sitra.models.assembly import outputs_equal, save_model_folder
+from sitra.models.assembly import merge_run_start, merge_runs, read_merged
 
 
 @dataclass(kw_only=True)
-class BuildMergedArgs:
+class BuildMergedArgs(PresetArgs):
     teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "the teacher the merged layers were trained against"})
     checkpoints: list[str] = field(default_factory=list, metadata={
         "help": "merge run folders to use (default: the finished merge run of every pair (0,1), (2,3), ...)"})
     output: str | None = field(default=None, metadata={"help": "model folder to write (default: checkpoints/merged_model)"})
     storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ is"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def run(args: BuildMergedArgs) -> Path:
-    args = apply_preset(args, PRESETS)
     storage = Path(args.storage_directory)
     config = models.load_config(args.teacher)
     folders = [Path(c) for c in args.checkpoints] or merge_runs(storage / "checkpoints", args.teacher)

@@ -1,5 +1,5 @@
 """Distil a sequence-classification teacher into a smaller student for the same task:
-L = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T), D from the loss menu.
+L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE(labels) (sitra.losses.distill_loss).
 The checkpoint is chosen on the validation split; the test split is evaluated once with it. One
 table: teacher, student before KD and student after KD (accuracy, macro-F1, parameters, examples/s).
 The student can be ternary (1.58-bit) and the teacher 8-bit, or the teacher recorded once
@@ -10,22 +10,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from sitra import data, losses, models, records, results, runtime
+from sitra.args import KDArgs, RecordsArgs, check_kd
 from sitra.errors import UsageError
 from sitra.evaluate import format_table
 from sitra.models import lowbit
 from sitra.models.causal import student_from_teacher_layers
 from sitra.models.teacher import TOKENIZER_FILES
-from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import load_weights
-from sitra.recipes.task_common import (
-    ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, classifier_table, data_description,
-    declared_labels, flat, is_classifier, labelled_splits, optimiser_line,
-    validation_scores, write_card,
-)
+from sitra.models.assembly import save_model_folder
+from sitra.models.assembly import load_weights
+from sitra.data.tasks import ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, labelled_splits
+from sitra.evaluate import classifier_table, flat, validation_scores
+from sitra.cards import data_description, optimiser_line, write_card
+from sitra.models.teacher import declared_labels, is_classifier
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_classifier"
@@ -33,7 +32,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 @dataclass(kw_only=True)
-class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
+class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "sequence-classification model folder or hub id (see finetune_classifier); or give --teacher_logits"})
     student: str | None = field(default=None, metadata={
@@ -42,14 +41,6 @@ class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, lowbit.LowBitArgs):
         "help": "pretrained: --student's weights; config: random weights of --student's config; teacher_layers: every "
                 "k-th teacher layer; auto: pretrained, or config where --student has no weights"})
     student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers student (default: half the teacher's)"})
-    loss: Literal[tuple(losses.LOGIT_LOSSES)] = field(default="forward_kl", metadata={"help": "logit divergence from the loss menu"})
-    alpha: float = field(default=0.5, metadata={"help": "weight of the label cross-entropy; the divergence gets 1 - alpha"})
-    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence (its T^2 factor is inside the menu's losses)"})
-    jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
-    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 
 def student_source(args) -> str:
@@ -68,6 +59,7 @@ def check(args: DistillClassifierArgs):
     """(teacher config, student source, student layers, records or None) after checking every flag."""
     check_train_args(args)
     check_classifier_data(args)
+    check_kd(args)
     lowbit.check_lowbit(args)
     if not args.teacher and not args.teacher_logits:
         raise UsageError("--teacher is required (a sequence classifier), or --teacher_logits (its records made by "
@@ -94,12 +86,6 @@ def check(args: DistillClassifierArgs):
         if teacher_ids and student_config.vocab_size < teacher_ids:
             raise UsageError(f"--student {args.student}: has no tokenizer and its vocabulary ({student_config.vocab_size}) "
                              f"is smaller than the teacher's tokenizer ({teacher_ids})")
-    if not 0 <= args.alpha <= 1:
-        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature {args.temperature}: must be positive")
-    if not 0 <= args.jsd_beta <= 1:
-        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
     lowbit.check_student_modules(student_config, args, AutoModelForSequenceClassification)
     return teacher_config, source, layers, rec
 
@@ -167,36 +153,12 @@ def has_tokenizer(name: str) -> bool:
     return any((Path(name) / f).exists() for f in TOKENIZER_FILES) if Path(name).is_dir() else True
 
 
-def classification_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float,
-                           loss: str = "forward_kl", jsd_beta: float = 0.5):
-    """(alpha * CE(labels) + (1 - alpha) * D_T, parts) over a batch of [B, C] logits; D_T is the
-    loss menu's divergence, which already holds the T^2 factor (mean over the batch)."""
+def classification_kd_loss(student_logits, teacher, labels, objective: dict, loss_name: str):
+    """(loss, parts) of sitra.losses.distill_loss over a batch of [B, C] logits (one position per
+    example); teacher: its logits [B, C] or its records there. parts: the label CE and the divergence."""
     every = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    extra = {"beta": jsd_beta} if loss == "jsd" else {}
-    kd = losses.LOGIT_LOSSES[loss](student_logits, teacher_logits, every, temperature=temperature, **extra)
-    return with_label_ce(kd, student_logits, labels, alpha, loss)
-
-
-def recorded_kd_loss(student_logits, batch, sampling: str, alpha: float, temperature: float, loss: str = "forward_kl",
-                     jsd_beta: float = 0.5):
-    """classification_kd_loss with the teacher's recorded label log-probabilities (the batch's
-    teacher_* tensors at its one position per example): the divergence on the k recorded labels
-    and the rest (top_k), or the sampled forward KL (random)."""
-    ids, logp, third = (batch[key][:, 0] for key in records.RECORD_KEYS[sampling])
-    every = torch.ones(batch["labels"].shape, dtype=torch.bool, device=student_logits.device)
-    if sampling == "top_k":
-        extra = {"beta": jsd_beta} if loss == "jsd" else {}
-        kd = losses.topk_logit_loss(losses.RECORD_LOSSES[loss], student_logits, ids, logp, third, every,
-                                    temperature=temperature, **extra)
-    else:
-        kd = losses.sampled_kl(student_logits, ids, logp, third, every, temperature=temperature)
-    return with_label_ce(kd, student_logits, batch["labels"], alpha, loss)
-
-
-def with_label_ce(kd, student_logits, labels, alpha: float, loss: str):
-    """(alpha * CE(labels) + (1 - alpha) * kd, parts): the mixing of online and recorded teachers alike."""
-    ce = F.cross_entropy(student_logits.float(), labels)
-    return alpha * ce + (1 - alpha) * kd, {"ce": float(ce.detach()), loss: float(kd.detach())}
+    loss, kd, ce = losses.distill_loss(student_logits, teacher, every, labels, **objective)
+    return loss, {"ce": ce.detach(), loss_name: kd.detach()}
 
 
 def make_student(args, source: str, layers: int, teacher, id2label: dict, device):
@@ -233,7 +195,7 @@ def run(args: DistillClassifierArgs):
         batches["train"] = data.Batches(records.Indexed(plain.examples), args.batch_size,
                                         records.RecordCollator(plain.collate, rec, one_position, rec.offsets("train")), seed=args.seed)
     student_name = f"{source}{layers}" if source == "teacher_layers" else f"{source}_{Path(args.student).name}"
-    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_{args.weights_name()}_T{args.temperature:g}" + lowbit.name_suffix(args)
                             + records.name_suffix(rec))
     device = runtime.pick_device(args.device)
     runtime.seed_everything(args.seed)
@@ -251,11 +213,12 @@ def run(args: DistillClassifierArgs):
 
     def step_loss(batch):
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if rec:
-            return recorded_kd_loss(s, batch, rec.sampling, args.alpha, args.temperature, args.loss, args.jsd_beta)
+        if rec:  # the records' one position per example
+            return classification_kd_loss(s, records.from_batch(batch, rec.sampling, (slice(None), 0)), batch["labels"],
+                                          args.objective(), args.loss)
         with torch.inference_mode():
             t = teacher(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"]).logits
-        return classification_kd_loss(s, t.clone(), batch["labels"], args.alpha, args.temperature, args.loss, args.jsd_beta)
+        return classification_kd_loss(s, t.clone(), batch["labels"], args.objective(), args.loss)
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
         log.note(**teacher_info)
@@ -272,12 +235,10 @@ def run(args: DistillClassifierArgs):
     text = format_table(table, gap=("student after KD", "student before KD"))
     init = {"teacher_layers": f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th, as DistilBERT)",
             "pretrained": f"`{args.student}`", "config": f"random weights of `{args.student}`'s config"}[source]
-    divergence = args.loss + (f" (beta {args.jsd_beta})" if args.loss == "jsd" else "")
     write_card(output, JOB, args, f"Distilled student of {args.teacher}",
                [f"Made with sitra's `{JOB}` job: knowledge distillation of the classifier `{args.teacher}` into a "
                 f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
-               [f"Loss: alpha * CE(labels) + (1 - alpha) * T^2 * {divergence}(teacher_T || student_T), alpha = {args.alpha}, "
-                f"T = {args.temperature}; dynamic padding",
+               [f"Loss: {args.describe('labels')}; dynamic padding",
                 *([records.card_line(rec, "every training example (no teacher column below)", "labels")] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the best validation {args.select_on} (step {progress.best_step}); the test split, where given, "

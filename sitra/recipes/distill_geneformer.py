@@ -1,5 +1,5 @@
 """Distil a Geneformer teacher (a BERT MLM over rank-value encoded genes) into a narrower student:
-L = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE over the masked genes only, on
+L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE (sitra.losses.distill_loss) over the masked genes only, on
 length-grouped batches of a pretokenized cell corpus, optionally with a ternary (1.58-bit) student
 or an 8-bit teacher, or a teacher recorded once (--teacher_logits); the student is saved as a
 BertForMaskedLM folder with a model card, and compared with the teacher on fixed masked validation
@@ -13,72 +13,23 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from sitra import runtime, losses, models, records, results
 from sitra.cli import command_line
+from sitra.args import KDArgs, RecordsArgs, check_kd, kd_field
 from sitra.errors import UsageError
 from sitra.data.cells import (
-    GENEFORMER_MASK_ID, GENEFORMER_PAD_ID, BucketedMLMCollator, LengthGroupedBatches, bucket_sizes, load_corpus,
-    split_cells,
+    CellDataArgs, check_cell_data, eval_cell_batches, masking,
+    BucketedMLMCollator, LengthGroupedBatches, bucket_sizes,
 )
 from sitra.data.mlm import Batches, MLMCollator
 from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
-from sitra.losses import masked_lm_distillation
 from sitra.models import lowbit
-from sitra.recipes.common import load_weights
+from sitra.models.assembly import load_weights
+from sitra.models.causal import LAYER_KEY, teacher_layer_indices
 from sitra.train import SCHEDULERS, TrainArgs, check_train_args, train
 
 JOB = "distill_geneformer"
-
-
-@dataclass(kw_only=True)
-class CellDataArgs:
-    """The pretokenized cell corpus, its fixed train/validation split and the masking."""
-    data: str | None = field(default=None, metadata={
-        "help": "corpus folder (datasets save_to_disk) with an input_ids column, e.g. from tokenize_cells"})
-    validation_fraction: float = field(default=0.05, metadata={"help": "share of the cells held out for validation"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation split (fixed apart from --seed)"})
-    max_eval_cells: int = field(default=1000, metadata={"help": "validation cells evaluated (0: all held-out cells)"})
-    mlm_probability: float = field(default=0.15, metadata={"help": "share of the genes of a cell chosen for masking"})
-    mask_token_id: int = field(default=GENEFORMER_MASK_ID, metadata={"help": "id of <mask> (Geneformer V1: 1)"})
-    special_token_ids: list[int] = field(default_factory=list, metadata={
-        "help": "ids never masked nor inserted (default: the pad and mask ids; V2 adds <cls> and <eos>)"})
-
-
-def check_cell_data(args: CellDataArgs, config) -> dict:
-    """The corpus and masking settings for a teacher config, checked before any compute:
-    {dataset, pad_id, mask_id, special_ids, vocab_size, max_length}."""
-    if not args.data:
-        raise UsageError("--data is required: a pretokenized corpus folder (see tokenize_cells)")
-    if not 0 < args.validation_fraction < 1:
-        raise UsageError(f"--validation_fraction {args.validation_fraction}: must be in (0, 1)")
-    if not 0 < args.mlm_probability < 1:
-        raise UsageError(f"--mlm_probability {args.mlm_probability}: must be in (0, 1)")
-    if args.max_eval_cells < 0:
-        raise UsageError(f"--max_eval_cells {args.max_eval_cells}: must be 0 (all) or more")
-    vocab = config.vocab_size
-    pad_id = GENEFORMER_PAD_ID if config.pad_token_id is None else config.pad_token_id
-    special = sorted(set(args.special_token_ids or [pad_id, args.mask_token_id]) | {pad_id, args.mask_token_id})
-    bad = [i for i in special if not 0 <= i < vocab]
-    if bad:
-        flag = "--mask_token_id" if args.mask_token_id in bad else "--special_token_ids"
-        raise UsageError(f"{flag}: id {bad[0]} is outside the teacher's vocabulary 0-{vocab - 1}")
-    dataset = load_corpus(args.data)
-    return {"dataset": dataset, "pad_id": pad_id, "mask_id": args.mask_token_id, "special_ids": special,
-            "vocab_size": vocab, "max_length": config.max_position_embeddings}
-
-
-def masking(cells: dict, args: CellDataArgs) -> tuple:
-    """MLMCollator's arguments: (pad id, mask id, special ids, vocabulary, masking share)."""
-    return cells["pad_id"], cells["mask_id"], cells["special_ids"], cells["vocab_size"], args.mlm_probability
-
-
-def eval_cell_batches(cells: dict, args: CellDataArgs, batch_size: int, seed: int):
-    """(train cells, validation cells, validation batches with fixed masks)."""
-    train_cells, eval_cells = split_cells(cells["dataset"], args.validation_fraction, args.split_seed,
-                                          args.max_eval_cells, cells["max_length"])
-    return train_cells, eval_cells, Batches(eval_cells, batch_size, MLMCollator(*masking(cells, args)), seed=seed, shuffle=False)
 
 
 def masked_positions(batch) -> torch.Tensor:
@@ -102,7 +53,10 @@ class GeneIds:
 
 
 @dataclass(kw_only=True)
-class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
+class DistillGeneformerArgs(TrainArgs, CellDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
+    ALPHA_MEANING = "kd"
+    KD_DEFAULTS = (0.65, 1 - 0.65)
+
     teacher: str | None = field(default=None, metadata={"teacher_source": True, "help": "Geneformer folder (BertForMaskedLM config.json + weights)"})
     hidden_size: int = field(default=128, metadata={"help": "student hidden size"})
     num_hidden_layers: int = field(default=4, metadata={"help": "student layers"})
@@ -110,8 +64,7 @@ class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
     intermediate_size: int | None = field(default=None, metadata={"help": "student feed-forward width (default: 4 x hidden)"})
     init_from_teacher: bool = field(default=False, metadata={
         "help": "start from every k-th teacher layer and its embeddings and head (needs the teacher's hidden size)"})
-    temperature: float = field(default=2.5, metadata={"help": "softmax temperature of the KL term"})
-    alpha: float = field(default=0.65, metadata={"help": "weight of T^2 * KL; the cross-entropy gets 1 - alpha"})
+    temperature: float = kd_field("temperature", 2.5)
     group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (--no_group_by_length: random)"})
     length_group_size: int = field(default=100, metadata={"help": "batches per length-sorted mega-batch"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the student, padding batches to a few bucket lengths"})
@@ -121,10 +74,6 @@ class DistillGeneformerArgs(TrainArgs, CellDataArgs, lowbit.LowBitArgs):
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     lr_scheduler: Literal[SCHEDULERS] = field(default="cosine", metadata={"help": "learning-rate shape after warm-up"})
-    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 
 @dataclass
@@ -152,6 +101,7 @@ def check(args: DistillGeneformerArgs) -> Setup:
     from transformers import AutoModelForMaskedLM
 
     check_train_args(args)
+    check_kd(args)
     lowbit.check_lowbit(args)
     if not args.teacher and not args.teacher_logits:
         raise UsageError("--teacher or --teacher_logits is required: a Geneformer (BertForMaskedLM) folder, or records "
@@ -160,10 +110,6 @@ def check(args: DistillGeneformerArgs) -> Setup:
     config = teacher_config(args, rec)
     student = student_config(config, args)
     lowbit.check_student_modules(student, args, AutoModelForMaskedLM)
-    if not 0 <= args.alpha <= 1:
-        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature {args.temperature}: must be positive")
     if args.length_group_size < 1:
         raise UsageError(f"--length_group_size {args.length_group_size}: must be at least 1")
     if args.bucket_sizes and not args.compile:
@@ -276,7 +222,6 @@ def student_config(teacher_config, args):
 def init_from_teacher(student, teacher) -> tuple[list[int], int, int]:
     """Copy every k-th teacher layer, the embeddings and the MLM head into the student wherever
     a tensor's shape matches. Returns (teacher layers used, tensors copied, student tensors)."""
-    from sitra.models.causal import LAYER_KEY, teacher_layer_indices
 
     keep = teacher_layer_indices(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
     new_index = {old: new for new, old in enumerate(keep)}
@@ -316,7 +261,7 @@ def run(args: DistillGeneformerArgs):
                                              seed=args.seed, group_size=args.length_group_size)
     else:
         train_batches = Batches(train_examples, args.batch_size, collate, seed=args.seed)
-    name = (f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+    name = (f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_{args.weights_name()}_T{args.temperature:g}" + lowbit.name_suffix(args)
             + records.name_suffix(rec))
     run_ = results.open_run(args, name)
     device = runtime.pick_device(args.device)
@@ -345,15 +290,8 @@ def run(args: DistillGeneformerArgs):
     def kd(s_logits, labels, batch, t_logits=None):
         """(loss, kl, ce) over the masked genes: from the teacher's logits there, or from its records."""
         everywhere = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-        if rec is None:
-            return masked_lm_distillation(s_logits, t_logits, labels, everywhere, args.temperature, args.alpha)
-        recorded = [batch[key][masked_positions(batch)] for key in records.RECORD_KEYS[rec.sampling]]
-        if rec.sampling == "top_k":
-            kl = losses.topk_logit_loss(losses.kl_div, s_logits, *recorded, everywhere, temperature=args.temperature)
-        else:
-            kl = losses.sampled_kl(s_logits, *recorded, everywhere, temperature=args.temperature)
-        ce = F.cross_entropy(s_logits.float(), labels, reduction="sum") / max(len(labels), 1)
-        return args.alpha * kl + (1 - args.alpha) * ce, kl, ce
+        teacher_there = t_logits if rec is None else records.from_batch(batch, rec.sampling, masked_positions(batch))
+        return losses.distill_loss(s_logits, teacher_there, everywhere, labels, **args.objective())
 
     def step_loss(batch):
         t_logits = None
@@ -440,8 +378,7 @@ def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n
         f"{config.vocab_size}, up to {config.max_position_embeddings} genes per cell"
         + (" (started from teacher layers)" if args.init_from_teacher else " (random start)") + ".", "",
         "## Method", "",
-        f"- Loss over masked genes only: {args.alpha} x T^2 x KL(teacher_T || student_T) + {1 - args.alpha:g} x "
-        f"cross-entropy, T = {args.temperature}",
+        f"- Loss over masked genes only: {args.describe('the masked genes')}",
         f"- Masking: {args.mlm_probability:.0%} of the non-special genes (80% <mask>, 10% random gene, 10% kept)",
         f"- Optimiser: AdamW, lr {args.lr}, weight decay {args.adam_weight_decay}, warm-up {args.warmup_steps} steps, "
         f"{args.lr_scheduler} schedule, clipping {args.max_grad_norm}, batch {args.batch_size} x "

@@ -1,6 +1,6 @@
 """Distil a causal LM into a smaller one (Pythia-160m -> Pythia-70m by default; any pair that
-shares a tokenizer): L = (1 - alpha) * T^2 * D_T(teacher || student) + alpha * CE, with D from the
-loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
+shares a tokenizer): L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE (the one
+objective of every job, sitra.losses.distill_loss), with D from the loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
 8-bit teacher, a teacher recorded once (--teacher_logits), on-policy batches, and a model card."""
 import copy
 from dataclasses import dataclass, field
@@ -8,37 +8,34 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from sitra import data, losses, models, records, results, runtime
-from sitra.cli import apply_preset, command_line
+from sitra.cli import command_line
+from sitra.args import KDArgs, RecordsArgs, check_kd
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
 from sitra.models import lowbit
 from sitra.models.capture import qkv_hooks
 from sitra.models.causal import (final_hidden, lm_head, on_policy_prompts, random_student, sample_continuations,
                                  shared_vocab, student_from_teacher_layers)
-from sitra.presets import PRESETS
-from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights
+from sitra.models.assembly import save_model_folder
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.recipes.common import held_out_mean
+from sitra.models.assembly import load_weights
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_pythia"
 
 
 @dataclass(kw_only=True)
-class DistillLMArgs(TrainArgs, TextDataArgs, lowbit.LowBitArgs):
+class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
     teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id or local folder"})
     student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "student to warm-start from (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = field(default="pretrained", metadata={
         "help": "pretrained: load --student; teacher_layers: every k-th teacher layer; random: the teacher's config, fewer layers"})
     student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers or random student (default: half the teacher's)"})
-    loss: Literal[tuple(losses.LOGIT_LOSSES)] = field(default="forward_kl", metadata={"help": "logit divergence from the loss menu"})
-    alpha: float = field(default=0.5, metadata={"help": "weight of the cross-entropy; the divergence gets 1 - alpha"})
-    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence"})
-    jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
     hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state term"})
     hidden_loss: Literal["mse", "cosine"] = field(default="mse", metadata={"help": "hidden-state term: MSE or cosine distance"})
     layer_map: str | None = field(default=None, metadata={
@@ -53,15 +50,10 @@ class DistillLMArgs(TrainArgs, TextDataArgs, lowbit.LowBitArgs):
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
-    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
     on_policy_fraction: float = field(default=0.0, metadata={
         "help": "fraction in [0, 1] of training batches made of continuations the student samples from the batch's prompts"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens the student samples per on-policy prompt"})
     sampling_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of on-policy sampling"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -96,6 +88,7 @@ class Setup:
 def check(args: DistillLMArgs) -> Setup:
     check_train_args(args)
     check_data_args(args)
+    check_kd(args)
     lowbit.check_lowbit(args)
     rec = check_records(args) if args.teacher_logits else None
     teacher_config = rec.teacher_config() if rec else models.load_config(args.teacher)
@@ -117,12 +110,6 @@ def check(args: DistillLMArgs) -> Setup:
     if rec and vocab < rec.vocab:
         raise UsageError(f"--student {args.student}: {student_config.vocab_size:,} output rows, fewer than the "
                          f"{rec.vocab:,} ids {teacher_name} hold")
-    if not 0 <= args.alpha <= 1:
-        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature {args.temperature}: must be positive")
-    if not 0 <= args.jsd_beta <= 1:
-        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
     if args.loss_chunks < 1:
         raise UsageError(f"--loss_chunks {args.loss_chunks}: must be at least 1")
     if not 0 <= args.on_policy_fraction <= 1:
@@ -209,7 +196,6 @@ def make_student(args: DistillLMArgs, teacher, setup: Setup, device):
 
 
 def run(args: DistillLMArgs):
-    args = apply_preset(args, PRESETS)
     setup = check(args)
     rec = setup.records
     if rec:  # the card and the log name the recorded teacher and what the records hold
@@ -235,7 +221,7 @@ def run(args: DistillLMArgs):
     eval_batches = data.Batches(eval_examples, args.batch_size, eval_collate, seed=args.seed, shuffle=False)
     stream = [t for block in eval_ids for t in block]
     windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
-    name = (f"{JOB}_{args.student_init}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + ("_packed" if args.packing else "")
+    name = (f"{JOB}_{args.student_init}_{args.loss}_{args.weights_name()}_T{args.temperature:g}" + ("_packed" if args.packing else "")
             + lowbit.name_suffix(args)
             + records.name_suffix(rec) + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
     run_ = results.open_run(args, name)
@@ -286,8 +272,7 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
     continuations of its prompts; the teacher scores only those, and the cross-entropy term is
     left out (the targets are the student's own samples), the divergence keeps its weight."""
     rec, V = setup.records, setup.vocab
-    divergence = (losses.RECORD_LOSSES if rec else losses.LOGIT_LOSSES)[args.loss]
-    extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
+    objective = args.objective()
     need_hidden = args.hidden_weight > 0
     counts = {"teacher_forwards": 0, "on_policy_batches": 0, "training_batches": 0}
 
@@ -297,31 +282,26 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
     def teacher_head(h):
         return lm_head(teacher)(h)[..., :V]
 
-    def mixed(kd, s_logits, mask, targets, with_ce):
-        if not with_ce:
-            return (1 - args.alpha) * kd
-        ce = F.cross_entropy(s_logits[mask].float(), targets[mask]) if mask.any() else kd * 0
-        return (1 - args.alpha) * kd + args.alpha * ce
-
     def logit_loss(batch, s, t, flat, targets, with_ce):
+        """The objective over the scored positions, chunked; on-policy batches leave the CE out
+        (their targets are the student's own samples), the divergence keeps its weight."""
         hidden = s.last_hidden_state[:, :-1].reshape(flat.numel(), -1)
-        if rec is None:
-            def fn(s_logits, t_logits, mask, targets):
-                kd = divergence(s_logits, t_logits, mask, temperature=args.temperature, **extra)
-                return mixed(kd, s_logits, mask, targets, with_ce)
+        kw = objective if with_ce else objective | {"ce_weight": 0.0}
 
-            return losses.chunked_logit_loss(fn, hidden, student_head, t.last_hidden_state[:, :-1].reshape(flat.numel(), -1).clone(),
+        if rec is None:
+            def dense(s_logits, t_logits, mask, targets):
+                return losses.distill_loss(s_logits, t_logits, mask, targets if with_ce else None, **kw)[0]
+
+            return losses.chunked_logit_loss(dense, hidden, student_head, t.last_hidden_state[:, :-1].reshape(flat.numel(), -1).clone(),
                                              teacher_head, flat, chunks=args.loss_chunks, targets=targets)
 
-        def fn(s_logits, ids, logp, third, mask, targets):
-            if rec.sampling == "top_k":
-                kd = losses.topk_logit_loss(divergence, s_logits, ids, logp, third, mask, temperature=args.temperature, **extra)
-            else:
-                kd = losses.sampled_kl(s_logits, ids, logp, third, mask, temperature=args.temperature)
-            return mixed(kd, s_logits, mask, targets, with_ce)
+        def recorded(s_logits, *pieces_mask, targets=None):
+            *pieces, mask = pieces_mask
+            return losses.distill_loss(s_logits, records.as_teacher(rec.sampling, *pieces), mask,
+                                       targets if with_ce else None, **kw)[0]
 
-        recorded = tuple(batch[k].reshape(flat.numel(), *batch[k].shape[2:]) for k in records.RECORD_KEYS[rec.sampling])
-        return losses.chunked_record_loss(fn, hidden, student_head, recorded, flat, chunks=args.loss_chunks, targets=targets)
+        recorded_rows = tuple(batch[k].reshape(flat.numel(), *batch[k].shape[2:]) for k in records.RECORD_KEYS[rec.sampling])
+        return losses.chunked_record_loss(recorded, hidden, student_head, recorded_rows, flat, chunks=args.loss_chunks, targets=targets)
 
     relations = [(w, kind) for w, kind in ((args.attention_weight, "attention"), (args.value_weight, "value")) if w]
     t_qkv, s_qkv = {}, {}
@@ -410,8 +390,7 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: 
         f"Made with sitra's `{JOB}` job: knowledge distillation of the causal LM `{args.teacher}` into a "
         f"{n_student}-layer student ({args.student_init}" + (f" from `{args.student}`" if args.student_init == "pretrained" else "") + ").", "",
         "## Method", "",
-        f"- Loss: (1 - alpha) * T^2 * {args.loss}(teacher_T, student_T) + alpha * cross-entropy, alpha = {args.alpha}, "
-        f"T = {args.temperature}" + (f", JSD beta = {args.jsd_beta}" if args.loss == "jsd" else "")
+        f"- Loss: {args.describe('next tokens')}"
         + (f"; plus {args.hidden_weight} x hidden-state {args.hidden_loss} on layers {args.layer_map or 'last:last'}" if args.hidden_weight else "")
         + (f"; plus {args.attention_weight} x attention-relation and {args.value_weight} x value-relation KL on layers "
            f"{args.relation_layers or 'last:last'}" if args.attention_weight or args.value_weight else ""),

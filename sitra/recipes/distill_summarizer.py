@@ -1,5 +1,5 @@
 """Distil a causal-LM summarizer into a smaller one on (document, summary) pairs:
-L = alpha * CE + (1 - alpha) * T^2 * D(teacher_T || student_T) on the summary tokens (and the EOS
+L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE (sitra.losses.distill_loss) on the summary tokens (and the EOS
 after them) only: the prompt and the padding carry no labels and no KD. The checkpoint is chosen
 on the validation loss; greedy summaries of teacher, student before and student after KD are
 scored with ROUGE-1/2/L (rouge-score, stemming on). The student can be ternary (1.58-bit) and the
@@ -11,21 +11,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from sitra import data, losses, models, records, results, runtime
+from sitra.args import KDArgs, RecordsArgs, check_kd
 from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
 from sitra.evaluate import generate_summaries, rouge, rouge_config
 from sitra.models import lowbit
 from sitra.models.causal import final_hidden, lm_head, shared_vocab, student_from_teacher_layers
-from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import held_out_mean, load_weights
-from sitra.recipes.task_common import (
-    TaskDataArgs, check_task_data, data_description, flat, load_splits, optimiser_line, write_card,
-)
+from sitra.models.assembly import save_model_folder
+from sitra.recipes.common import held_out_mean
+from sitra.models.assembly import load_weights
+from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
+from sitra.cards import data_description, optimiser_line, write_card
+from sitra.evaluate import flat
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_summarizer"
@@ -48,23 +49,15 @@ class SummaryDataArgs(TaskDataArgs):
 
 
 @dataclass(kw_only=True)
-class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, lowbit.LowBitArgs):
+class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "causal LM (fine-tuned for the task) folder or hub id (or its records: --teacher_logits)"})
     student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
     student_init: Literal["pretrained", "teacher_layers"] = field(default="pretrained", metadata={
         "help": "pretrained: load --student; teacher_layers: every k-th teacher layer"})
     student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers student (default: half the teacher's)"})
-    loss: Literal[tuple(losses.LOGIT_LOSSES)] = field(default="forward_kl", metadata={"help": "logit divergence from the loss menu"})
-    alpha: float = field(default=0.5, metadata={"help": "weight of the summary cross-entropy; the divergence gets 1 - alpha"})
-    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the divergence (T^2 is inside the menu's losses)"})
-    jsd_beta: float = field(default=0.5, metadata={"help": "beta of --loss jsd (0: forward KL, 1: reverse KL)"})
     loss_chunks: int = field(default=4, metadata={"help": "summary positions are cut into this many pieces for the logit losses (1: plain)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    teacher_logits: str | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "records folder of jobs/record_teacher.py: train from the recorded teacher, never loading it"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "what --teacher_logits hold (default: whatever they hold): top_k ids + the rest mass, or random draws"})
 
 
 def template_of(args) -> str:
@@ -103,18 +96,13 @@ class Setup:
 def check(args: DistillSummarizerArgs) -> Setup:
     check_train_args(args)
     check_data_flags(args)
+    check_kd(args)
     lowbit.check_lowbit(args)
     for flag in ("max_new_tokens", "generation_batch_size", "loss_chunks"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.generation_examples < 0:
         raise UsageError(f"--generation_examples {args.generation_examples}: must be 0 (all) or more")
-    if not 0 <= args.alpha <= 1:
-        raise UsageError(f"--alpha {args.alpha}: must be in [0, 1]")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature {args.temperature}: must be positive")
-    if not 0 <= args.jsd_beta <= 1:
-        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
     if not args.teacher and not args.teacher_logits:
         raise UsageError("--teacher: required, or --teacher_logits DIR (the teacher's records from jobs/record_teacher.py)")
     rec = check_records(args) if args.teacher_logits else None
@@ -208,41 +196,31 @@ def student_positions(student, batch):
     return final_hidden(student, batch).last_hidden_state[:, :-1][scored], batch["labels"][:, 1:][scored]
 
 
-def with_ce(kd, s_logits, mask, targets, alpha: float):
-    """The job's mix: alpha * the summary cross-entropy + (1 - alpha) * the divergence term `kd`."""
-    return alpha * F.cross_entropy(s_logits[mask].float(), targets[mask]) + (1 - alpha) * kd
-
-
-def summary_kd_loss(student, teacher, batch, divergence, alpha: float, temperature: float, chunks: int = 1, **extra):
-    """alpha * CE + (1 - alpha) * D_T over the positions whose next token carries a label (the
-    summary and its EOS): the prompt and the padding take no part."""
+def summary_kd_loss(student, teacher, batch, objective: dict, chunks: int = 1):
+    """sitra.losses.distill_loss over the positions whose next token carries a label (the summary
+    and its EOS): the prompt and the padding take no part."""
     with torch.inference_mode():
         t = final_hidden(teacher, batch).last_hidden_state[:, :-1][scored_positions(batch)]
     s, targets = student_positions(student, batch)
     every = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
 
     def logit_loss(s_logits, t_logits, mask, targets):
-        return with_ce(divergence(s_logits, t_logits, mask, temperature=temperature, **extra), s_logits, mask, targets, alpha)
+        return losses.distill_loss(s_logits, t_logits, mask, targets, **objective)[0]
 
     return losses.chunked_logit_loss(logit_loss, s, lm_head(student), t.clone(), lm_head(teacher), every,
                                      chunks=chunks, targets=targets)
 
 
-def summary_record_loss(student, batch, rec: records.TeacherRecords, divergence, alpha: float, temperature: float,
-                        chunks: int = 1, **extra):
-    """summary_kd_loss with the teacher's distribution from the batch's records (RecordCollator):
-    the divergence on the k recorded ids and the rest mass (top_k), or the sampled forward KL
-    (random), on the student's first `rec.vocab` logits."""
+def summary_record_loss(student, batch, rec: records.TeacherRecords, objective: dict, chunks: int = 1):
+    """summary_kd_loss with the teacher's distribution from the batch's records (RecordCollator)
+    at the same positions, on the student's first `rec.vocab` logits."""
     s, targets = student_positions(student, batch)
     every = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
     recorded = tuple(batch[k][scored_positions(batch)] for k in records.RECORD_KEYS[rec.sampling])
 
-    def record_loss(s_logits, ids, logp, rest_or_weight, mask, targets):
-        if rec.sampling == "top_k":
-            kd = losses.topk_logit_loss(divergence, s_logits, ids, logp, rest_or_weight, mask, temperature=temperature, **extra)
-        else:
-            kd = losses.sampled_kl(s_logits, ids, logp, rest_or_weight, mask, temperature=temperature)
-        return with_ce(kd, s_logits, mask, targets, alpha)
+    def record_loss(s_logits, *pieces_mask, targets=None):
+        *pieces, mask = pieces_mask
+        return losses.distill_loss(s_logits, records.as_teacher(rec.sampling, *pieces), mask, targets, **objective)[0]
 
     return losses.chunked_record_loss(record_loss, s, lambda h: lm_head(student)(h)[..., :rec.vocab], recorded, every,
                                       chunks=chunks, targets=targets)
@@ -268,7 +246,7 @@ def run(args: DistillSummarizerArgs):
     val_batches = data.Batches(examples["validation"], args.batch_size, collates["validation"], seed=args.seed, shuffle=False)
     layers = setup.layers
     student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
-    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_a{args.alpha:g}_T{args.temperature:g}" + lowbit.name_suffix(args)
+    run_ = results.open_run(args, f"{JOB}_{student_name}_{args.loss}_{args.weights_name()}_T{args.temperature:g}" + lowbit.name_suffix(args)
                             + records.name_suffix(rec))
     device = runtime.pick_device(args.device)
     runtime.seed_everything(args.seed)
@@ -286,16 +264,11 @@ def run(args: DistillSummarizerArgs):
     before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
     teacher_info = lowbit.quantize_teacher(teacher, device, args, val_batches.epoch(0)) if teacher is not None else {}
     ternary = lowbit.prepare_student(student, args)
-    extra = {"beta": args.jsd_beta} if args.loss == "jsd" else {}
 
     def step_loss(batch):
         if rec:
-            loss = summary_record_loss(student, batch, rec, losses.RECORD_LOSSES[args.loss], args.alpha, args.temperature,
-                                       args.loss_chunks, **extra)
-        else:
-            loss = summary_kd_loss(student, teacher, batch, losses.LOGIT_LOSSES[args.loss], args.alpha, args.temperature,
-                                   args.loss_chunks, **extra)
-        return loss, {}
+            return summary_record_loss(student, batch, rec, args.objective(), args.loss_chunks), {}
+        return summary_kd_loss(student, teacher, batch, args.objective(), args.loss_chunks), {}
 
     with results.RunLog(run_.log_path, JOB, run_.name, run_.config) as log:
         log.note(**teacher_info)
@@ -318,9 +291,7 @@ def run(args: DistillSummarizerArgs):
                [f"Made with sitra's `{JOB}` job: knowledge distillation of the causal LM `{args.teacher}` into a "
                 f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
                [f"Prompt: `{template_of(args)!r}`; the summary follows it, then an EOS",
-                f"Loss on summary tokens and the EOS only: alpha * CE + (1 - alpha) * T^2 * {args.loss}(teacher_T || "
-                f"student_T), alpha = {args.alpha}, T = {args.temperature}"
-                + (f", JSD beta {args.jsd_beta}" if args.loss == "jsd" else ""),
+                f"Loss on summary tokens and the EOS only: {args.describe('the summary')}",
                 *([records.card_line(rec, "every summary token and the EOS; the results have no teacher row (it needs the "
                                         "teacher's generations)")] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",

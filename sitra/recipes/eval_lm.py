@@ -7,27 +7,23 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from sitra.args import PlaceArgs
 from sitra import data, models, results, runtime
-from sitra.cli import apply_preset
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, lambada_accuracy, sliding_windows
 from sitra.models.lowbit import MIB, weight_bytes
-from sitra.presets import PRESETS
-from sitra.recipes.common import TextDataArgs, check_data_args
+from sitra.data.text import TextDataArgs, check_data_args
 
 JOB = "eval_lm"
 
 
 @dataclass(kw_only=True)
-class EvalLMArgs(TextDataArgs):
+class EvalLMArgs(TextDataArgs, PlaceArgs):
     models: list[str] = field(default_factory=list, metadata={"help": "causal LM folders or hub ids (also positional)"})
     stride: int | None = field(default=None, metadata={"help": "sliding-window stride (default: half of --max_seq_length)"})
     lambada_file: str | None = field(default=None, metadata={"help": "LAMBADA-style text, one passage a line; its last word is predicted"})
     batch_size: int = field(default=8, metadata={"help": "windows per batch"})
-    storage_directory: str = field(default=".", metadata={"help": "where eval_results/ is"})
-    run_name: str = field(default="eval_lm", metadata={"help": "name of the results file in eval_results/"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
+    run_name: str = field(default="eval_lm", metadata={"not_part_of_run": True, "help": "name of the results file in eval_results/"})
 
 
 def label(path: str) -> str:
@@ -41,7 +37,6 @@ def label(path: str) -> str:
 
 
 def run(args: EvalLMArgs) -> dict:
-    args = apply_preset(args, PRESETS)
     check_data_args(args)
     if not args.models:
         raise UsageError("--models: name at least one causal LM folder")

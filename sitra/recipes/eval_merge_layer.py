@@ -5,18 +5,21 @@ from pathlib import Path
 
 import torch
 
+from sitra.args import PlaceArgs
 from sitra import models, results, runtime
-from sitra.cli import apply_preset
 from sitra.evaluate import evaluate_models, format_table
-from sitra.presets import PRESETS
-from sitra.recipes.common import TextDataArgs, check_block, check_data_args, held_out_mean, text_batches
-from sitra.recipes.retrain_merge import find_merge_run, merge_run_start, merge_step, read_merged, teacher_pass
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.args import check_block
+from sitra.recipes.common import held_out_mean
+from sitra.data.mlm import text_batches
+from sitra.models.merged import merge_step, merge_teacher_pass
+from sitra.models.assembly import find_merge_run, merge_run_start, read_merged
 
 JOB = "eval_merge_layer"
 
 
 @dataclass(kw_only=True)
-class EvalMergeLayerArgs(TextDataArgs):
+class EvalMergeLayerArgs(TextDataArgs, PlaceArgs):
     teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     block: int | None = field(default=None, metadata={"help": "first layer of the merged pair"})
     block_heads: int | None = field(default=None, metadata={"help": "heads of the merge run to evaluate (where several exist)"})
@@ -24,14 +27,9 @@ class EvalMergeLayerArgs(TextDataArgs):
     checkpoint: str | None = field(default=None, metadata={"help": "the merge run folder (default: found from the flags above)"})
     batch_size: int = field(default=32, metadata={"help": "examples per batch"})
     seed: int = field(default=42, metadata={"help": "seed of the fixed masks"})
-    storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ and eval_results/ are"})
-    run_name: str | None = field(default=None, metadata={"help": "name of the results file (default: eval_<merge run>)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def run(args: EvalMergeLayerArgs) -> dict:
-    args = apply_preset(args, PRESETS)
     check_data_args(args)
     config = models.load_config(args.teacher)
     check_block(args.block, config.num_hidden_layers, needs_successor=True)
@@ -44,7 +42,7 @@ def run(args: EvalMergeLayerArgs) -> dict:
     teacher = models.load_model(args.teacher, device)
     block, layer = read_merged(folder, teacher, args.teacher, flag="--checkpoint")
     with torch.inference_mode():
-        prepare = teacher_pass(teacher, [block])
+        prepare = merge_teacher_pass(teacher, [block])
         layer_fit = held_out_mean(lambda b: merge_step(layer, teacher, block, prepare(b), "MSE", "output", 1.0), batches, device)
     merged = models.with_merged_layers(teacher, {block: layer})
     metrics = evaluate_models({"teacher": teacher, "merged": merged}, "teacher", batches, device)

@@ -3,28 +3,25 @@ masks: MLM accuracy, top-5, perplexity, hidden-state fidelity, size and forward 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sitra.args import PlaceArgs
 from sitra import models, results, runtime
-from sitra.cli import apply_preset
 from sitra.errors import UsageError
 from sitra.evaluate import bar_plot, evaluate_models, format_table
-from sitra.presets import PRESETS
-from sitra.recipes.common import TextDataArgs, check_data_args, text_batches
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.data.mlm import text_batches
 from sitra.results import atomic_write
 
 JOB = "eval_merged"
 
 
 @dataclass(kw_only=True)
-class EvalMergedArgs(TextDataArgs):
+class EvalMergedArgs(TextDataArgs, PlaceArgs):
     teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     models: list[str] = field(default_factory=list, metadata={
         "help": "model folders to compare (default: every model folder under checkpoints/)"})
     batch_size: int = field(default=32, metadata={"help": "examples per batch"})
     seed: int = field(default=42, metadata={"help": "seed of the fixed masks"})
-    storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ and eval_results/ are"})
-    run_name: str = field(default="eval_merged", metadata={"help": "name of the results files in eval_results/"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
+    run_name: str = field(default="eval_merged", metadata={"not_part_of_run": True, "help": "name of the results files in eval_results/"})
 
 
 def model_folders(checkpoints: Path) -> list[Path]:
@@ -37,7 +34,6 @@ def label(path: Path) -> str:
 
 
 def run(args: EvalMergedArgs) -> dict:
-    args = apply_preset(args, PRESETS)
     check_data_args(args)
     folders = [Path(m) for m in args.models] or model_folders(Path(args.storage_directory) / "checkpoints")
     if not folders:

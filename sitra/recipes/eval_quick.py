@@ -3,23 +3,22 @@ accuracy, top-5 accuracy, perplexity and parameter count, as a table and an HDF5
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sitra.args import PlaceArgs
 from sitra import models, results, runtime
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_mlm, format_table
-from sitra.recipes.distill_geneformer import CellDataArgs, check_cell_data, eval_cell_batches
+from sitra.data.cells import CellDataArgs, check_cell_data, eval_cell_batches
 
 JOB = "eval_quick"
 
 
 @dataclass(kw_only=True)
-class EvalQuickArgs(CellDataArgs):
+class EvalQuickArgs(CellDataArgs, PlaceArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, "help": "Geneformer teacher folder (BertForMaskedLM)"})
     student: str | None = field(default=None, metadata={"help": "student folder, e.g. checkpoints/RUN/model of distill_geneformer"})
     batch_size: int = field(default=16, metadata={"help": "cells per batch"})
     seed: int = field(default=42, metadata={"help": "seed of the masks (distill_geneformer's --seed gives its validation masks)"})
-    storage_directory: str = field(default=".", metadata={"help": "where eval_results/ is"})
-    run_name: str = field(default="eval_quick", metadata={"help": "name of the results file in eval_results/"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    run_name: str = field(default="eval_quick", metadata={"not_part_of_run": True, "help": "name of the results file in eval_results/"})
 
 
 def check(args: EvalQuickArgs):

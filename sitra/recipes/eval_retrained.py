@@ -3,19 +3,19 @@ from dataclasses import dataclass, field
 import json
 from pathlib import Path
 
+from sitra.args import PlaceArgs
 from sitra import models, results, runtime
-from sitra.cli import apply_preset
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
-from sitra.presets import PRESETS
-from sitra.recipes.build_retrained import block_runs, read_block
-from sitra.recipes.common import TextDataArgs, check_data_args, text_batches
+from sitra.models.assembly import block_runs, read_block
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.data.mlm import text_batches
 
 JOB = "eval_retrained"
 
 
 @dataclass(kw_only=True)
-class EvalArgs(TextDataArgs):
+class EvalArgs(TextDataArgs, PlaceArgs):
     teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     model: str | None = field(default=None, metadata={"help": "model folder to evaluate (default: checkpoints/retrained_model)"})
     checkpoints: list[str] = field(default_factory=list, metadata={
@@ -28,10 +28,6 @@ class EvalArgs(TextDataArgs):
     reference: str | None = field(default=None, metadata={"help": "another model to compare, e.g. bert-large-uncased"})
     batch_size: int = field(default=32, metadata={"help": "examples per batch"})
     seed: int = field(default=42, metadata={"help": "seed of the fixed masks"})
-    storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ and eval_results/ are"})
-    run_name: str | None = field(default=None, metadata={"help": "name of the results file (default: eval_<model folder>)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def block_folders(args: EvalArgs) -> list[Path]:
@@ -59,7 +55,6 @@ def block_folders(args: EvalArgs) -> list[Path]:
 
 
 def run(args: EvalArgs) -> dict:
-    args = apply_preset(args, PRESETS)
     check_data_args(args)
     if args.model and (args.checkpoints or args.block_sweep):
         raise UsageError("--model, --checkpoints and --block_sweep: give one")

@@ -8,26 +8,29 @@ from pathlib import Path
 import torch
 
 from sitra import losses, models, results, runtime
-from sitra.cli import apply_preset
+from sitra.args import KDArgs, check_kd
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
-from sitra.presets import PRESETS
-from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import TextDataArgs, check_data_args, held_out_mean, load_weights, masked_kd, text_batches
+from sitra.models.assembly import save_model_folder
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.recipes.common import held_out_mean
+from sitra.losses import masked_kd
+from sitra.data.mlm import text_batches
+from sitra.models.assembly import load_weights
 from sitra.train import TrainArgs, check_train_args, train
 
 
 @dataclass(kw_only=True)
-class FinetuneArgs(TrainArgs, TextDataArgs):
+class FinetuneArgs(TrainArgs, TextDataArgs, KDArgs):
+    ALPHA_MEANING = "ce_added"
+    KD_DEFAULTS = (1.0, 0.0)
+
     teacher: str = field(default="bert-base-uncased", metadata={"teacher_source": True, "help": "hub id or local model folder"})
     model: str | None = field(default=None, metadata={"help": "the model folder to fine-tune (default: the job's)"})
-    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the KL to the teacher"})
-    alpha: float = field(default=0.0, metadata={"help": "weight of the MLM cross-entropy"})
     hidden_weight: float = field(default=0.0, metadata={
         "help": "weight of the MSE between each layer's output and that of the last teacher layer it replaces"})
     trainable_layers: str = field(default="all", metadata={"help": "'all' (the whole model) or encoder layers to train, e.g. 0,2"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def parse_layers(text: str, n: int) -> list[int] | None:
@@ -43,9 +46,9 @@ def parse_layers(text: str, n: int) -> list[int] | None:
 
 
 def run_finetune(args: FinetuneArgs, job: str, default_model: str):
-    args = apply_preset(args, PRESETS)
     check_train_args(args)
     check_data_args(args)
+    check_kd(args)
     model_path = args.model or str(Path(args.storage_directory) / "checkpoints" / default_model)
     teacher_config, model_config = models.load_config(args.teacher), models.load_config(model_path, "--model")
     kd = models.has_mlm_head(teacher_config)
@@ -55,12 +58,9 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
     if kd and not models.has_mlm_head(model_config):
         raise UsageError(f"--model {model_path}: has no MLM head, but the teacher's MLM outputs are distilled")
     trainable = parse_layers(args.trainable_layers, model_config.num_hidden_layers)
-    for flag in ("temperature",):
-        if not getattr(args, flag) > 0:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be positive")
     tokenizer = models.load_tokenizer(args.teacher)
     train_batches, eval_batches = text_batches(args, tokenizer, args.batch_size, args.seed)
-    run_ = results.open_run(args, f"{job}_T{args.temperature:g}_a{args.alpha:g}_h{args.hidden_weight:g}_{args.trainable_layers.replace(',', '-')}")
+    run_ = results.open_run(args, f"{job}_T{args.temperature:g}_{args.weights_name()}_h{args.hidden_weight:g}_{args.trainable_layers.replace(',', '-')}")
     device = runtime.pick_device(args.device)
     runtime.seed_everything(args.seed)
     teacher = models.load_model(args.teacher, device)
@@ -78,7 +78,7 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
             teacher_logits = teacher.cls(t.last_hidden_state[masked]) if kd else None
         s = model.base_model(**inputs)
         loss, parts = masked_kd(model.cls(s.last_hidden_state[masked]), teacher_logits.clone(), batch["labels"][masked],
-                                args.temperature, args.alpha) if kd else (0.0, {})
+                                args.objective()) if kd else (0.0, {})
         if args.hidden_weight:
             token_mask = batch["attention_mask"].bool()[..., None]
             hidden = sum(losses.mse(s.hidden_states[k + 1], t.hidden_states[j].clone(), token_mask)

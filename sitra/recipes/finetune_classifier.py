@@ -13,12 +13,12 @@ from sitra import models, results, runtime
 from sitra.errors import UsageError
 from sitra.data import tasks
 from sitra.evaluate import format_table
-from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import load_weights
-from sitra.recipes.task_common import (
-    ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, classifier_table, data_description,
-    declared_labels, flat, labelled_splits, optimiser_line, validation_scores, write_card,
-)
+from sitra.models.assembly import save_model_folder
+from sitra.models.assembly import load_weights
+from sitra.data.tasks import ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, labelled_splits
+from sitra.evaluate import classifier_table, flat, validation_scores
+from sitra.cards import data_description, optimiser_line, write_card
+from sitra.models.teacher import declared_labels
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "finetune_classifier"

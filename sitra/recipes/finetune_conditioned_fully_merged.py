@@ -8,12 +8,14 @@ from typing import Literal
 import torch
 
 from sitra import models, results, runtime
-from sitra.cli import apply_preset
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
-from sitra.presets import PRESETS
-from sitra.recipes.build_retrained import save_model_folder
-from sitra.recipes.common import TextDataArgs, check_data_args, compare, fidelity, held_out_mean, text_batches, load_weights
+from sitra.models.assembly import save_model_folder
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.losses import compare, fidelity
+from sitra.recipes.common import held_out_mean
+from sitra.data.mlm import text_batches
+from sitra.models.assembly import load_weights
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "finetune_conditioned_fully_merged"
@@ -26,7 +28,6 @@ class ConditionedArgs(TrainArgs, TextDataArgs):
     passes: int = field(default=1, metadata={"help": "sweeps over the layers, bottom to top; --epochs/--max_steps count per layer"})
     criterion: Literal["MSE", "L1"] = field(default="MSE", metadata={"help": "loss between a layer's output and the teacher's"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 @torch.inference_mode()
@@ -37,7 +38,6 @@ def stage_input(model, layer: int, batch):
 
 
 def run(args: ConditionedArgs):
-    args = apply_preset(args, PRESETS)
     check_train_args(args)
     check_data_args(args)
     if args.passes < 1:

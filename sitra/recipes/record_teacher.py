@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 from sitra import records, results, runtime
+from sitra.args import SAMPLINGS
+from sitra.cli import fail
+from sitra.cli import main as job_main
 from sitra.errors import UsageError
 from sitra.data.mlm import example_generator
 from sitra.runtime import progress_bar
@@ -40,7 +43,7 @@ class RecordFields:
     job: str = field(default="distill_pythia", metadata={"help": f"the distillation job whose teacher is recorded: {', '.join(RECORDABLE)}"})
     output: str = field(metadata={"help": "records folder (the index, the tokenizer and every shard go here)"})
     top_k: int = field(default=64, metadata={"help": "ids recorded per position, at most the vocabulary (random: draws per position)"})
-    teacher_logits_sampling: Literal[records.SAMPLINGS] = field(default="top_k", metadata={
+    teacher_logits_sampling: Literal[SAMPLINGS] = field(default="top_k", metadata={
         "help": "top_k: the k most likely ids and the rest mass; random: k draws from the teacher (unbiased gradients)"})
     log_prob_dtype: Literal["float16", "float32"] = field(default="float16", metadata={
         "help": "storage of the log-probabilities (float32: twice the bytes, for exact comparisons)"})
@@ -77,8 +80,8 @@ def check(args) -> records.TeacherPass:
         raise UsageError(f"--num_shards {args.num_shards}: must be at least 1")
     if not 0 <= args.shard < args.num_shards:
         raise UsageError(f"--shard {args.shard}: allowed 0-{args.num_shards - 1} (--num_shards {args.num_shards})")
-    if args.teacher_logits_sampling not in records.SAMPLINGS:
-        raise UsageError(f"--teacher_logits_sampling {args.teacher_logits_sampling}: allowed {', '.join(records.SAMPLINGS)}")
+    if args.teacher_logits_sampling not in SAMPLINGS:
+        raise UsageError(f"--teacher_logits_sampling {args.teacher_logits_sampling}: allowed {', '.join(SAMPLINGS)}")
     if getattr(args, "teacher_logits", None):
         raise UsageError("--teacher_logits: a recording runs the teacher itself; leave it out")
     if getattr(args, "teacher_bits", None):
@@ -263,8 +266,6 @@ def run(args) -> Path:
 
 def main(argv=None):
     """jobs/record_teacher.py: the flags depend on --job."""
-    from sitra.cli import fail
-    from sitra.cli import main as job_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -7,15 +7,14 @@ from typing import Literal
 import torch
 
 from sitra import fuse, losses, models, results, runtime
-from sitra.cli import apply_preset
 from sitra.errors import UsageError
 from sitra.models.attention import attention_probs
 from sitra.models.capture import blocks_io
-from sitra.presets import PRESETS
-from sitra.recipes.common import (
-    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, compare, fidelity, text_batches,
-    train_modules,
-)
+from sitra.args import StudentBlockArgs, check_student_block
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.losses import compare, fidelity
+from sitra.data.mlm import text_batches
+from sitra.recipes.common import train_modules
 from sitra.train import TrainArgs, check_train_args
 
 JOB = "retrain_single_block"
@@ -29,7 +28,6 @@ class BlockArgs(TrainArgs, TextDataArgs, StudentBlockArgs):
     loss_on_scores: bool = field(default=False, metadata={"help": "compare attention distributions (averaged over heads)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of --loss_on_logits"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def default_run_name(args: BlockArgs, heads: int, d_k: int) -> str:
@@ -107,7 +105,6 @@ def run(args: BlockArgs):
 
 def run_fused(args_list: list[BlockArgs]):
     """Train every student of the list against one teacher pass per batch; returns their runs."""
-    args_list = [apply_preset(a, PRESETS) for a in args_list]
     shapes = check_fused(args_list)
     args = args_list[0]
     tokenizer = models.load_tokenizer(args.teacher)

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 import torch
 
 from sitra import fuse, models, results, runtime
-from sitra.cli import apply_preset
+from sitra.args import KDArgs, check_kd, kd_field
 from sitra.errors import UsageError
-from sitra.presets import PRESETS
-from sitra.recipes.common import (
-    train_modules,
-    StudentBlockArgs, TextDataArgs, check_data_args, check_student_block, masked_kd, text_batches,
-)
+from sitra.recipes.common import train_modules
+from sitra.args import StudentBlockArgs, check_student_block
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.losses import masked_kd
+from sitra.data.mlm import text_batches
 from sitra.train import TrainArgs, check_train_args
 
 JOB = "train_block_till_end"
@@ -20,29 +20,27 @@ FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
 
 
 @dataclass(kw_only=True)
-class BlockToEndArgs(TrainArgs, TextDataArgs, StudentBlockArgs):
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL to the teacher"})
-    alpha: float = field(default=0.0, metadata={"help": "weight of the MLM cross-entropy added to the KL"})
+class BlockToEndArgs(TrainArgs, TextDataArgs, StudentBlockArgs, KDArgs):
+    ALPHA_MEANING = "ce_added"
+    KD_DEFAULTS = (1.0, 0.0)
+
+    temperature: float = kd_field("temperature", 1.0)
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
-    preset: str | None = field(default=None, metadata={"help": f"fill unset flags from a preset: {', '.join(PRESETS)}"})
 
 
 def check(args: BlockToEndArgs):
     check_train_args(args)
     check_data_args(args)
+    check_kd(args)
     config = models.load_config(args.teacher)
     heads, d_k = check_student_block(args, config)
     if not models.has_mlm_head(config):
         raise UsageError(f"--teacher {args.teacher}: block-to-end training needs a teacher with an MLM head")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature {args.temperature}: must be positive")
-    if args.alpha < 0:
-        raise UsageError(f"--alpha {args.alpha}: must be 0 or more")
     return config, heads, d_k
 
 
 def default_run_name(args: BlockToEndArgs, heads: int, d_k: int) -> str:
-    return f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_a{args.alpha:g}"
+    return f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_{args.weights_name()}"
 
 
 def teacher_pass(teacher):
@@ -76,7 +74,6 @@ def run(args: BlockToEndArgs):
 
 def run_fused(args_list: list[BlockToEndArgs]):
     """Train every student block of the list against one teacher pass per batch; returns their runs."""
-    args_list = [apply_preset(a, PRESETS) for a in args_list]
     shapes = check_fused(args_list)
     args = args_list[0]
     tokenizer = models.load_tokenizer(args.teacher)
@@ -99,7 +96,7 @@ def run_fused(args_list: list[BlockToEndArgs]):
             x = batch["hidden_states"][a.block].clone()
             hidden = models.run_layers(model, x, batch["attention_mask"], start=a.block)
             return masked_kd(model.cls(hidden[masked]), batch["teacher_logits"].clone(), batch["labels"][masked],
-                             a.temperature, a.alpha)
+                             a.objective())
         step_losses.append(step_loss)
     train_modules(students, JOB, runs, args, train_batches, eval_batches, step_losses, device, teacher_pass(teacher))
     return runs
