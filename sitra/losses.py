@@ -309,8 +309,7 @@ def compare(out, target, token_mask, criterion: str, on: str = "output", tempera
 
 @torch.no_grad()
 def fidelity(out, target, token_mask) -> dict:
-    return {"block_mse": float(mse(out, target, token_mask[..., None])),
-            "block_cosine": float(cosine_similarity(out, target, token_mask))}
+    return {"block_mse": mse(out, target, token_mask[..., None]), "block_cosine": cosine_similarity(out, target, token_mask)}
 
 
 def masked_kd(student_logits, teacher_logits, labels, objective: dict) -> tuple:

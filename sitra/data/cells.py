@@ -209,7 +209,7 @@ def rank_value_encode(counts, M, tokens, medians, max_length: int, target_sum: f
 
 def tokenize_h5ad(h5ad: H5ad, token_dict: dict, median_dict: dict, output: Path, max_length: int,
                   chunk_size: int = 1000, target_sum: float = TARGET_SUM) -> dict:
-    """Write the rank-value encoded cells of `h5ad` as a `datasets` folder at `output` (columns
+    """Write the rank-value encoded cells of `h5ad` as a new `datasets` folder at `output` (columns
     input_ids, length and cell_index, the row in the file). Cells with no expressed known gene are
     left out. Returns counts for the report."""
     import pyarrow as pa
@@ -240,13 +240,7 @@ def tokenize_h5ad(h5ad: H5ad, token_dict: dict, median_dict: dict, output: Path,
             bar.close()
         if not kept:
             raise UsageError(f"--h5ad: none of the {h5ad.n_cells} cells expresses a gene the dictionaries know; nothing to write")
-        folder = Path(tmp) / "corpus"
-        Dataset.from_file(str(stream)).save_to_disk(str(folder))
-        if output.exists():
-            import shutil
-
-            shutil.rmtree(output)
-        folder.rename(output)
+        Dataset.from_file(str(stream)).save_to_disk(str(output))
     return {"cells": h5ad.n_cells, "cells_written": kept, "cells_without_known_genes": h5ad.n_cells - kept,
             "genes_in_file": len(h5ad.gene_ids), "genes_known": len(tokens)}
 

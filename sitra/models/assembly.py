@@ -1,13 +1,12 @@
 """Finished runs into models: the best weights of block and merge runs, read back and put into
 the teacher, and model folders written whole."""
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from sitra import runtime
+from sitra.outputs import write_folder
 from sitra.errors import UsageError
 from sitra.models.attention import StudentSelfAttention
 from sitra.models.merged import new_merged_layer
@@ -21,20 +20,17 @@ def load_weights(checkpoint_dir: Path) -> dict:
     return load_file(str(path))
 
 
-def save_model_folder(model, tokenizer, output: Path):
-    """save_pretrained into a temporary folder, then rename it into place (rank 0 only)."""
-    if not runtime.is_main():
-        return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = output.with_name(f".{output.name}.old")
-    if output.exists():
-        output.rename(old)
-    tmp.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
+def save_model_folder(model, tokenizer, output: Path, job: str, own: bool = False, files: dict | None = None):
+    """An ordinary model folder (save_pretrained, the tokenizer where given, and `files` {name: text})
+    written whole by sitra.outputs.write_folder; `own`: the folder lies in the job's own run folder."""
+    def fill(tmp):
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+
+    return write_folder(output, job, fill, own=own)
 
 
 @torch.inference_mode()

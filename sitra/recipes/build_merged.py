@@ -5,8 +5,12 @@ from pathlib import Path
 from sitra.args import PresetArgs
 from sitra import models
 from sitra.errors import UsageError
+from sitra.outputs import check_output
 from sitra.models.assembly import outputs_equal, save_model_folder
 from sitra.models.assembly import merge_run_start, merge_runs, read_merged
+
+
+JOB = "build_merged"
 
 
 @dataclass(kw_only=True)
@@ -16,10 +20,12 @@ class BuildMergedArgs(PresetArgs):
         "help": "merge run folders to use (default: the finished merge run of every pair (0,1), (2,3), ...)"})
     output: str | None = field(default=None, metadata={"help": "model folder to write (default: checkpoints/merged_model)"})
     storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ is"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the --output folder an earlier run of this job wrote"})
 
 
 def run(args: BuildMergedArgs) -> Path:
     storage = Path(args.storage_directory)
+    output = check_output(Path(args.output) if args.output else storage / "checkpoints" / "merged_model", JOB, args.overwrite)
     config = models.load_config(args.teacher)
     folders = [Path(c) for c in args.checkpoints] or merge_runs(storage / "checkpoints", args.teacher)
     where = {}
@@ -40,9 +46,8 @@ def run(args: BuildMergedArgs) -> Path:
                              f"under {storage / 'checkpoints'}; train them or name the runs to use")
     teacher = models.load_model(args.teacher)
     merged = {start: read_merged(folder, teacher, args.teacher)[1] for start, folder in where.items()}
-    output = Path(args.output) if args.output else storage / "checkpoints" / "merged_model"
     model = models.with_merged_layers(teacher, merged)
-    save_model_folder(model, models.load_tokenizer(args.teacher), output)
+    save_model_folder(model, models.load_tokenizer(args.teacher), output, JOB)
     same = outputs_equal(model, models.load_model(str(output), flag="--output"))
     for start in starts:
         print(f"layers ({start},{start + 1}) <- {where[start]}")

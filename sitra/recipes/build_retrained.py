@@ -6,7 +6,11 @@ from pathlib import Path
 from sitra.args import PresetArgs
 from sitra import models
 from sitra.errors import UsageError
+from sitra.outputs import check_output
 from sitra.models.assembly import block_runs, outputs_equal, read_block, save_model_folder
+
+
+JOB = "build_retrained"
 
 
 @dataclass(kw_only=True)
@@ -16,10 +20,12 @@ class BuildArgs(PresetArgs):
         "help": "block run folders to use (default: every finished block run of --teacher under checkpoints/)"})
     output: str | None = field(default=None, metadata={"help": "model folder to write (default: checkpoints/retrained_model)"})
     storage_directory: str = field(default=".", metadata={"help": "where checkpoints/ is"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the --output folder an earlier run of this job wrote"})
 
 
 def run(args: BuildArgs) -> Path:
     storage = Path(args.storage_directory)
+    output = check_output(Path(args.output) if args.output else storage / "checkpoints" / "retrained_model", JOB, args.overwrite)
     config = models.load_config(args.teacher)
     folders = [Path(c) for c in args.checkpoints] or block_runs(storage / "checkpoints", args.teacher)
     if not folders:
@@ -33,10 +39,9 @@ def run(args: BuildArgs) -> Path:
             raise UsageError(f"--checkpoints: several runs retrain block {layer} ({blocks[layer][0]}, {folder}); "
                              "name the ones to use")
         blocks[layer] = (folder, block)
-    output = Path(args.output) if args.output else storage / "checkpoints" / "retrained_model"
     teacher = models.load_model(args.teacher)
     model = models.with_student_blocks(teacher, {i: b for i, (_, b) in blocks.items()})
-    save_model_folder(model, models.load_tokenizer(args.teacher), output)
+    save_model_folder(model, models.load_tokenizer(args.teacher), output, JOB)
     reloaded = models.load_model(str(output), flag="--output")
     same = outputs_equal(model, reloaded)
     for i, (folder, b) in sorted(blocks.items()):

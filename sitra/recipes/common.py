@@ -23,10 +23,10 @@ def held_out_means(step_losses, batches, device, prepare=None) -> list[dict]:
             batch = prepare(batch)
         for step_loss, total in zip(step_losses, sums):
             loss, parts = step_loss(batch)
-            for k, v in {"eval_loss": float(loss), **parts}.items():
-                total[k] = total.get(k, 0.0) + v
+            for k, v in {"eval_loss": loss, **parts}.items():  # summed as float64 tensors: no host sync per batch
+                total[k] = total.get(k, 0.0) + torch.as_tensor(v).detach().double()
         n += 1
-    return [{k: v / n for k, v in total.items()} for total in sums]
+    return [{k: float(v) / n for k, v in total.items()} for total in sums]
 
 
 def train_modules(modules, job: str, runs, args, train_batches, eval_batches, step_losses, device, prepare=None) -> list[dict]:

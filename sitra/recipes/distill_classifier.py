@@ -228,7 +228,7 @@ def run(args: DistillClassifierArgs):
         student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
         output = run_.checkpoint_dir / "model"
-        save_model_folder(student, student_tok, output)
+        save_model_folder(student, student_tok, output, JOB, own=True)
         compared = {"teacher": (teacher, prefix)} if teacher is not None else {}  # from records the teacher is never loaded
         table = classifier_table(compared | {"student before KD": (before, ""), "student after KD": (student, "")}, batches, device)
         log.complete(flat(table) | {"best_step": progress.best_step} | {f"lowbit/{k}": v for k, v in teacher_info.items()})

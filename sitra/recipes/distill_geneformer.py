@@ -7,7 +7,6 @@ cells."""
 import copy
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,7 @@ from sitra.data.cells import (
 from sitra.data.mlm import Batches, MLMCollator
 from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
 from sitra.models import lowbit
-from sitra.models.assembly import load_weights
+from sitra.models.assembly import load_weights, save_model_folder
 from sitra.models.causal import LAYER_KEY, teacher_layer_indices
 from sitra.train import SCHEDULERS, TrainArgs, check_train_args, train
 
@@ -301,8 +300,8 @@ def run(args: DistillGeneformerArgs):
             t_logits = t_logits.clone()  # a normal tensor: the loss is differentiated
         s_logits, labels = masked_logits(student, batch, encoder)
         loss, kl, ce = kd(s_logits, labels, batch, t_logits)
-        parts = {"kl": float(kl.detach()), "ce": float(ce.detach()),
-                 "mlm_accuracy": float((s_logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0}
+        hits = (s_logits.detach().argmax(-1) == labels).float()
+        parts = {"kl": kl.detach(), "ce": ce.detach(), "mlm_accuracy": hits.mean() if len(labels) else hits.sum()}
         if buckets:
             shapes.add(tuple(batch["input_ids"].shape))
             parts["distinct_shapes"] = len(shapes)
@@ -337,7 +336,7 @@ def run(args: DistillGeneformerArgs):
         output = run_.checkpoint_dir / "model"
         card = model_card(args, table, config, len(train_cells), len(eval_cells),
                           teacher_lines(rec) + lowbit.card_lines(output, ternary, teacher_info))
-        save_student(student, output, card)
+        save_model_folder(student, None, output, JOB, own=True, files={"README.md": card})
         log.complete(final)
     print(format_table(table, gap=gap(table)))
     print(f"student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
@@ -354,20 +353,6 @@ def teacher_lines(rec: records.TeacherRecords | None) -> list[str]:
         return []
     epochs = len(rec.parts("train"))
     return [records.card_line(rec, f"every masked gene, with the masks of {epochs} training epoch{'s' if epochs > 1 else ''}", "genes")]
-
-
-def save_student(student, output: Path, card: str):
-    """save_pretrained (config.json + model.safetensors) and README.md into a temporary folder,
-    then rename it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    (tmp / "README.md").write_text(card)
-    if output.exists():
-        output.rename(old)
-    tmp.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n_eval: int, low_bit: list[str] = ()) -> str:

@@ -251,7 +251,7 @@ def run(args: DistillLMArgs):
         module.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
         output = run_.checkpoint_dir / "model"
-        save_model_folder(student, tokenizer, output)
+        save_model_folder(student, tokenizer, output, JOB, own=True)
         table, final = results_table(args, teacher, student, base_metrics, windows, device)
         log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
                      | {f"lowbit/{k}": v for k, v in teacher_info.items()})
@@ -339,7 +339,7 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
                              else losses.cosine_distance(hs, ht, token_mask))
             hidden = sum(terms) / len(terms)
             loss = loss + args.hidden_weight * hidden
-            parts["hidden"] = float(hidden.detach())
+            parts["hidden"] = hidden.detach()
         for weight, kind in relations:
             token_mask = batch["attention_mask"].bool()
             terms = []
@@ -351,7 +351,7 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
                     terms.append(losses.relation_kl(sq["v"], tq["v"], token_mask, setup.relation_heads))
             term = sum(terms) / len(terms)
             loss = loss + weight * term
-            parts[f"{kind}_relation_kl"] = float(term.detach())
+            parts[f"{kind}_relation_kl"] = term.detach()
         return loss, parts
 
     return step_loss, counts

@@ -277,7 +277,7 @@ def run(args: DistillSummarizerArgs):
         student.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         student.eval()
         output = run_.checkpoint_dir / "model"
-        save_model_folder(student, tokenizer, output)
+        save_model_folder(student, tokenizer, output, JOB, own=True)
         # the teacher's row needs its generations: from records there is none
         compared = ({"teacher": teacher} if teacher is not None else {}) | {"student before KD": before, "student after KD": student}
         table, samples = rouge_table(compared, pairs, tokenizer, args, device)

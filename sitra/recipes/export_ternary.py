@@ -2,7 +2,6 @@
 a byte (1.6 bits) plus one float32 scale per layer in safetensors, the other tensors as they were.
 sitra's loaders (eval_lm, eval_merged, models.load_model) rebuild a model whose outputs equal the
 trained model's quantised forward bit for bit (with --dtype float32); the job checks that."""
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,7 @@ import torch
 
 from sitra import models
 from sitra.errors import UsageError
+from sitra.outputs import check_output, write_folder
 from sitra.models import lowbit
 
 JOB = "export_ternary"
@@ -23,6 +23,7 @@ class ExportTernaryArgs:
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
         "help": "dtype of the tensors that stay unquantised (embeddings, norms, output head, biases); "
                 "float32 keeps the outputs exact, bfloat16 halves them at a rounding error"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the --output folder an earlier run of this job wrote"})
 
 
 def check(args: ExportTernaryArgs):
@@ -39,6 +40,7 @@ def check(args: ExportTernaryArgs):
     output = Path(args.output) if args.output else source.with_name(source.name + "_ternary")
     if output.resolve() == source.resolve():
         raise UsageError(f"--output {output}: must differ from MODEL_DIR")
+    check_output(output, JOB, args.overwrite)
     return config, source, output
 
 
@@ -61,13 +63,7 @@ def run(args: ExportTernaryArgs) -> Path:
         tokenizer = models.load_tokenizer(str(source), "MODEL_DIR")
     except UsageError:
         tokenizer = None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lowbit.export_packed(model, tmp, getattr(torch, args.dtype), tokenizer)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    write_folder(output, JOB, lambda tmp: lowbit.export_packed(model, tmp, getattr(torch, args.dtype), tokenizer))
     packed = models.load_model(str(output), "cpu", flag="--output", auto=cls)
     diff = max_difference(model, packed, config.vocab_size)
     sizes = [model.get_submodule(m).weight.numel() for m in config.sitra_quantization["modules"]]

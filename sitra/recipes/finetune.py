@@ -84,7 +84,7 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
             hidden = sum(losses.mse(s.hidden_states[k + 1], t.hidden_states[j].clone(), token_mask)
                          for k, j in enumerate(targets)) / len(targets)
             loss = loss + args.hidden_weight * hidden
-            parts["hidden_mse"] = float(hidden.detach())
+            parts["hidden_mse"] = hidden.detach()
         return loss, parts
 
     with results.RunLog(run_.log_path, job, run_.name, run_.config) as log:
@@ -95,7 +95,7 @@ def run_finetune(args: FinetuneArgs, job: str, default_model: str):
         for p in model.parameters():
             p.requires_grad_(False)
         output = run_.checkpoint_dir / "model"
-        save_model_folder(model, tokenizer, output)
+        save_model_folder(model, tokenizer, output, job, own=True)
         metrics = evaluate_models({"teacher": teacher, "before": models.load_model(model_path, device, flag="--model"),
                                    "finetuned": model}, "teacher", eval_batches, device)
         log.complete({f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items()} | {"best_step": progress.best_step})

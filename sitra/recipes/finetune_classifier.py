@@ -67,7 +67,7 @@ def run(args: FinetuneClassifierArgs):
         model.load_state_dict(load_weights(run_.checkpoint_dir), strict=False)
         model.eval()
         output = run_.checkpoint_dir / "model"
-        save_model_folder(model, tokenizer, output)
+        save_model_folder(model, tokenizer, output, JOB, own=True)
         table = classifier_table({"fine-tuned": (model, "")}, batches, device)
         log.complete(flat(table) | {"best_step": progress.best_step})
     text = format_table(table)

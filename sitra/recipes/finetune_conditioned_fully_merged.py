@@ -92,7 +92,7 @@ def run(args: ConditionedArgs):
                 job_log.eval(p * len(targets) + k, **{"layer": k, "pass": p, **fit})
                 print(f"{stage}: held-out MSE {fit['block_mse']:.4g}, cosine {fit['block_cosine']:.4f}")
         output = run_.checkpoint_dir / "model"
-        save_model_folder(model, tokenizer, output)
+        save_model_folder(model, tokenizer, output, JOB, own=True)
         metrics = evaluate_models({"teacher": teacher, "before": models.load_model(model_path, device, flag="--model"),
                                    "conditioned": model}, "teacher", eval_batches, device)
         job_log.complete(summary | {f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items()})

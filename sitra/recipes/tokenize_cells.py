@@ -2,11 +2,11 @@
 (Geneformer's tokenizer) and save the cells as a `datasets` folder with input_ids and length."""
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from sitra.errors import UsageError
+from sitra.outputs import check_output, write_folder
 from sitra.data.cells import TARGET_SUM, H5ad, load_gene_dictionaries, tokenize_h5ad
 
 JOB = "tokenize_cells"
@@ -25,7 +25,7 @@ class TokenizeCellsArgs:
     matrix: str = field(default="X", metadata={"help": "matrix of raw counts in the file: X, layers/NAME or raw/X"})
     target_sum: float = field(default=TARGET_SUM, metadata={"help": "counts are scaled to this total per cell"})
     chunk_size: int = field(default=1000, metadata={"help": "cells read and encoded at a time"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --output folder"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the --output folder an earlier tokenize_cells wrote"})
 
 
 def check(args: TokenizeCellsArgs):
@@ -39,8 +39,7 @@ def check(args: TokenizeCellsArgs):
         raise UsageError(f"--chunk_size {args.chunk_size}: must be at least 1")
     if not args.target_sum > 0:
         raise UsageError(f"--target_sum {args.target_sum}: must be positive")
-    if Path(args.output).exists() and not args.overwrite:
-        raise UsageError(f"--output {args.output}: already exists; pass --overwrite to replace it")
+    check_output(args.output, JOB, args.overwrite)
     return load_gene_dictionaries(args.token_dictionary, args.gene_median_dictionary)
 
 
@@ -53,10 +52,13 @@ def run(args: TokenizeCellsArgs) -> dict:
         if first.size and not np.allclose(first, np.round(first)):
             print(f"warning: {args.matrix} holds non-integer values; rank-value encoding expects raw counts "
                   "(see --matrix for a layer of counts)")
-        stats = tokenize_h5ad(h5ad, token_dict, median_dict, Path(args.output), args.max_length, args.chunk_size,
-                              args.target_sum)
-        stats["gene_id_column"] = h5ad.gene_id_column
-    (Path(args.output) / "tokenize_cells.json").write_text(json.dumps({"args": vars(args), **stats}, indent=1))
+        stats = {"gene_id_column": h5ad.gene_id_column}
+
+        def fill(folder):
+            stats.update(tokenize_h5ad(h5ad, token_dict, median_dict, folder, args.max_length, args.chunk_size, args.target_sum))
+            (folder / "tokenize_cells.json").write_text(json.dumps({"args": vars(args), **stats}, indent=1))
+
+        write_folder(args.output, JOB, fill)
     print(f"{stats['cells_written']:,} of {stats['cells']:,} cells written to {args.output} "
           f"({stats['genes_known']:,} of {stats['genes_in_file']:,} genes known, ids from var/{stats['gene_id_column']}"
           + (f"; {stats['cells_without_known_genes']:,} cells without an expressed known gene left out)"

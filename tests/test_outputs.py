@@ -1,0 +1,101 @@
+"""sitra never deletes or replaces what it did not make: an --output that holds anything else is
+refused in one line before any compute; its own output is replaced only with --overwrite, and
+then whole (a rename after the new folder is complete)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sitra.errors import UsageError
+from sitra.outputs import MARKER, check_output, made_by, write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fill_with(name, text):
+    def fill(tmp):
+        tmp.mkdir()
+        (tmp / name).write_text(text)
+    return fill
+
+
+def test_a_folder_of_someone_else_is_refused_and_kept(tmp_path):
+    mine = tmp_path / "out"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="sitra never replaces what it did not make"):
+            check_output(mine, "build_merged", overwrite)
+        with pytest.raises(UsageError, match="not replacing it"):
+            write_folder(mine, "build_merged", fill_with("model.safetensors", "new"))
+    assert (mine / "notes.txt").read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_is_refused_and_kept(tmp_path):
+    f = tmp_path / "model"
+    f.write_text("not a folder")
+    with pytest.raises(UsageError, match="exists and is a file"):
+        check_output(f, "build_retrained", overwrite=True)
+    assert f.read_text() == "not a folder"
+
+
+def test_own_output_needs_overwrite_then_is_replaced_whole(tmp_path):
+    out = tmp_path / "model"
+    write_folder(out, "export_ternary", fill_with("a.txt", "first"))
+    assert made_by(out) == "export_ternary" and (out / "a.txt").read_text() == "first"
+    with pytest.raises(UsageError, match="pass --overwrite"):
+        check_output(out, "export_ternary", overwrite=False)
+    with pytest.raises(UsageError, match="did not make"):  # another job's output is not this job's to replace
+        check_output(out, "build_merged", overwrite=True)
+    check_output(out, "export_ternary", overwrite=True)
+    write_folder(out, "export_ternary", fill_with("b.txt", "second"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "b.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folder left
+
+
+def test_a_failed_fill_leaves_the_previous_folder(tmp_path):
+    out = tmp_path / "model"
+    write_folder(out, "build_merged", fill_with("a.txt", "first"))
+
+    def broken(tmp):
+        tmp.mkdir()
+        (tmp / "half").write_text("x")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_folder(out, "build_merged", broken)
+    assert (out / "a.txt").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_stale_temporary_folders_of_a_killed_save_are_removed(tmp_path):
+    stale = tmp_path / ".model.tmp12345"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"0" * 1000)
+    write_folder(tmp_path / "model", "build_merged", fill_with("a.txt", "x"))
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("job,argv", [
+    ("build_merged", ["--teacher", "TEACHER"]),
+    ("build_retrained", ["--teacher", "TEACHER"]),
+    ("export_ternary", ["MODEL"]),
+    ("tokenize_cells", ["--h5ad", "H5AD"]),
+])
+def test_jobs_refuse_an_output_holding_user_data(job, argv, tmp_path):
+    """Exit 2, one line naming --output, the user's file intact, before anything loads."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("precious")
+    argv = [a.replace("TEACHER", str(tmp_path / "no-teacher")).replace("MODEL", str(tmp_path / "no-model"))
+            .replace("H5AD", str(tmp_path / "cells.h5ad")) for a in argv]
+    if job == "export_ternary":  # its check reads MODEL_DIR's config first: give it a ternary one
+        model = tmp_path / "no-model"
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "bert", "architectures": ["BertForMaskedLM"], '
+                                           '"sitra_quantization": {"student_bits": 1.58, "modules": []}}')
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *argv, "--output", str(out), "--overwrite"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and f"--output {out}" in lines[0], proc.stderr[-2000:]
+    assert (out / "results.csv").read_text() == "precious" and [p.name for p in out.iterdir()] == ["results.csv"]
