@@ -29,6 +29,24 @@ TARGET_SUM = 10_000
 # dictionaries and .h5ad files
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: builtins, and numpy scalars with their dtypes. Anything else (a
+    class, a function: what lets a pickle run code) is refused, so a dictionary handed to a user
+    cannot execute anything when it is read."""
+    ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
+               ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only plain data is read")
+
+
+def read_plain_pickle(path):
+    with open(path, "rb") as f:
+        return _PlainUnpickler(f).load()
+
+
 def load_gene_dictionaries(token_path: str, median_path: str) -> tuple[dict, dict]:
     """(gene id -> token id, gene id -> non-zero median) from Geneformer's pickled dictionaries."""
     out = []
@@ -36,14 +54,17 @@ def load_gene_dictionaries(token_path: str, median_path: str) -> tuple[dict, dic
         if not path:
             raise UsageError(f"{flag} is required: a pickled dictionary (Geneformer's {flag[2:]}.pkl)")
         try:
-            with open(path, "rb") as f:
-                d = pickle.load(f)
+            d = read_plain_pickle(path)
         except FileNotFoundError:
             raise UsageError(f"{flag} {path}: no such file") from None
         except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
             raise UsageError(f"{flag} {path}: not a readable pickle ({type(e).__name__})") from None
         if not isinstance(d, dict) or not d:
             raise UsageError(f"{flag} {path}: holds a {type(d).__name__}, not a non-empty dict of gene id -> value")
+        odd = next((k for k, v in d.items() if not isinstance(k, str) or isinstance(v, bool)
+                    or not isinstance(v, (int, float, np.number))), None)
+        if odd is not None:
+            raise UsageError(f"{flag} {path}: entry {odd!r} -> {d[odd]!r}; expected gene id (str) -> number")
         out.append(d)
     tokens, medians = out
     bad = next((g for g, m in medians.items() if not (isinstance(m, (int, float, np.number)) and m > 0)), None)
