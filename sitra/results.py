@@ -2,13 +2,15 @@
 
 Layout of `<storage>/eval_results/<run>.h5`:
   attrs   job, run_name, config (JSON of the arguments), sitra_version, git_commit, job_id,
-          host, started_at, finished_at, wall_time_s, status (running | complete | failed), error
+          host, started_at, finished_at, wall_time_s, status (running | complete | incomplete | failed), error,
+          journal (the name of the row journal that belongs to this file)
   train/  step, loss, lr, grad_norm, tokens_per_s, ... (one 1-D dataset per number, on `step`)
   eval/   step and one dataset per metric
   final/  attrs: the final metrics
 
-Every write goes to a copy that then replaces the file (`os.replace`), so the file on disk is
-always a whole HDF5 file; `status` becomes `complete` only in the last write of a job.
+The HDF5 file is only ever written whole (a copy renamed into place); while a job runs its rows
+go to `<run>.h5.rows`, an append-only journal (RunLog). `status` becomes `complete` only in the
+last write of a job; `incomplete` marks a run whose first steps were lost with an unreadable log.
 """
 import dataclasses
 import json
@@ -63,10 +65,19 @@ def atomic_write(path: Path, write):
 
 
 class RunLog:
-    """The HDF5 log of one job. Numbers are buffered and written by `flush()`."""
+    """The HDF5 log of one job.
+
+    Numbers are buffered; `flush()` appends them to the log's row journal (`<run>.h5.rows`, one
+    JSON line per row, fsynced), which costs O(rows), not O(log). The HDF5 file itself is written
+    whole (a copy renamed into place) only when the job starts, resumes and ends, and names its
+    journal (`journal` attribute): read_log reads both, a journal left by an earlier session is
+    ignored, and a line cut by a kill is dropped. On resume the rows after the checkpoint's step
+    are dropped, so the log always matches the checkpoint it continues from.
+    """
 
     def __init__(self, path: Path, job: str, run_name: str, config: dict, not_part_of_run=frozenset()):
         self.path = Path(path)
+        self.journal = journal_path(self.path)
         self._pending = {"train": [], "eval": []}
         self._session_start = time.time()
         self._prior_wall, self._started_at = 0.0, time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -79,49 +90,54 @@ class RunLog:
         self._started = False
 
     def start(self, resume_step: int | None = None):
-        """Begin a fresh log, or continue the log of a run resumed at `resume_step`."""
+        """Begin a fresh log, or continue the log of a run resumed at `resume_step`.
+
+        A log that cannot be read is never deleted: it is kept as `<run>.h5.corrupt` and the new
+        log says from which step it starts, so it can never pass for a whole run."""
         self._started = True
         if not runtime.is_main():
             return
+        rows = {"train": [], "eval": []}
         if resume_step is not None and self.path.exists():
             try:
-                self._prior_wall, self._started_at = self._reopen(resume_step)
-            except OSError:  # unreadable: keep it aside, start a new one
-                os.replace(self.path, self.path.with_suffix(".h5.corrupt"))
-        else:
-            self.path.unlink(missing_ok=True)  # replaces the log of an attempt that saved nothing
-        self.flush()
+                old = read_log(self.path)
+            except (OSError, KeyError, ValueError) as e:
+                aside = self.path.with_name(self.path.name + ".corrupt")
+                os.replace(self.path, aside)
+                self._attrs["missing_steps_before"] = resume_step + 1
+                print(f"{self.path}: unreadable ({type(e).__name__}), kept as {aside}; the new log starts at step "
+                      f"{resume_step + 1} and will be marked incomplete")
+            else:
+                self._prior_wall = float(old["attrs"].get("wall_time_s", 0.0))
+                self._started_at = str(old["attrs"].get("started_at", self._started_at))
+                for key in ("missing_steps_before",):
+                    if key in old["attrs"]:
+                        self._attrs[key] = old["attrs"][key]
+                for group in rows:
+                    table = old[group]
+                    n = len(table.get("step", []))
+                    rows[group] = [{k: v[i] for k, v in table.items() if not np.isnan(v[i])} for i in range(n)
+                                   if table["step"][i] <= resume_step]
+        elif resume_step is not None:
+            self._attrs["missing_steps_before"] = resume_step + 1  # the log of the first steps is gone
+        self._rewrite(rows)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, tb):
         """A job that raised is marked failed. One that was stopped to be resumed (Interrupted, a
-        requeue's SystemExit, Ctrl-C) stays `running`."""
+        requeue's SystemExit, Ctrl-C) stays `running`, with the reason."""
         if kind is not None and issubclass(kind, Exception) and not issubclass(kind, Interrupted):
             import traceback
 
             self.fail("".join(traceback.format_exception(kind, error, tb)))
         elif kind is not None:
-            self.flush()
+            self.note(stopped=str(error) or kind.__name__)
+            if self._started:
+                self.flush()
+                self._rewrite(self._rows())  # rows and attributes in the HDF5 file itself
         return False
-
-    def _reopen(self, step):
-        """Continue an interrupted log: keep what was logged up to `step`, drop the rest."""
-        def keep_upto_step(tmp):
-            shutil.copy(self.path, tmp)
-            with h5py.File(tmp, "a") as f:
-                for group in ("train", "eval"):
-                    if "step" in f.get(group, {}):
-                        keep = int((f[group]["step"][:] <= step).sum())
-                        for ds in f[group].values():
-                            ds.resize((keep,))
-                prior, started = float(f.attrs.get("wall_time_s", 0.0)), str(f.attrs["started_at"])
-            return prior, started
-
-        result = {}
-        atomic_write(self.path, lambda tmp: result.setdefault("v", keep_upto_step(tmp)))
-        return result["v"]
 
     def note(self, **attrs):
         """Facts about the run kept as attributes (e.g. world size, effective batch)."""
@@ -133,20 +149,56 @@ class RunLog:
     def eval(self, step: int, **numbers):
         self._pending["eval"].append({"step": step, **numbers})
 
-    def flush(self, final: dict | None = None, status: str | None = None, error: str = ""):
+    def flush(self):
+        """Append the buffered rows to the journal: O(rows), durable when it returns."""
         if not self._started:
             self.start()
-        attrs = dict(self._attrs, started_at=self._started_at, wall_time_s=self._prior_wall + time.time() - self._session_start)
-        if status:
-            attrs.update(status=status, error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         pending, self._pending = self._pending, {"train": [], "eval": []}
+        if not runtime.is_main() or not (pending["train"] or pending["eval"]):
+            return
+        lines = "".join(json.dumps({"group": g, **{k: float(v) for k, v in r.items()}}) + "\n"
+                        for g, rows in pending.items() for r in rows)
+        with open(self.journal, "a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def complete(self, final: dict):
+        status = "incomplete" if "missing_steps_before" in self._attrs else "complete"
+        self._finish(final, status, "" if status == "complete" else
+                     f"steps before {self._attrs['missing_steps_before']} were lost with an unreadable log")
+
+    def fail(self, error: str):
+        if not self._started:
+            self._mark_failed_only(error[-2000:])
+            return
+        self._finish(None, "failed", error[-2000:])
+
+    def _finish(self, final, status, error):
+        self.flush()
+        self.note(status=status, error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._rewrite(self._rows(), final)
+
+    def _rows(self) -> dict:
+        """Every row logged so far: the HDF5 file's and its journal's."""
+        if not self.path.exists():
+            return {"train": [], "eval": []}
+        old = read_log(self.path)
+        return {g: [{k: v[i] for k, v in old[g].items() if not np.isnan(v[i])} for i in range(len(old[g].get("step", [])))]
+                for g in ("train", "eval")}
+
+    def _rewrite(self, rows: dict, final: dict | None = None):
+        """Write the whole HDF5 file (rows, attributes, final numbers) with a new, empty journal."""
+        if not runtime.is_main():
+            return
+        token = os.urandom(8).hex()
+        attrs = dict(self._attrs, started_at=self._started_at, journal=token,
+                     wall_time_s=self._prior_wall + time.time() - self._session_start)
 
         def write(tmp):
-            if self.path.exists():
-                shutil.copy(self.path, tmp)
-            with h5py.File(tmp, "a") as f:
-                for group, rows in pending.items():
-                    _append_rows(f.require_group(group), rows)
+            with h5py.File(tmp, "w") as f:
+                for group, group_rows in rows.items():
+                    _append_rows(f.require_group(group), group_rows)
                 if final is not None:
                     g = f.require_group("final")
                     for k, v in final.items():
@@ -155,12 +207,31 @@ class RunLog:
                     f.attrs[k] = v
 
         atomic_write(self.path, write)
+        self.journal.unlink(missing_ok=True)  # its rows are in the file now; a leftover would not match `token`
+        with open(self.journal, "w") as f:
+            f.write(json.dumps({"journal": token}) + "\n")
 
-    def complete(self, final: dict):
-        self.flush(final=final, status="complete")
+    def _mark_failed_only(self, error: str):
+        """A job that failed before its log started (e.g. an unreadable checkpoint): the rows an
+        earlier session logged stay; only the status says what happened."""
+        if not runtime.is_main():
+            return
+        if self.path.exists():
+            try:
+                rows = self._rows()
+            except (OSError, KeyError, ValueError):
+                return  # an unreadable log is left as it is
+            self._started = True
+            self._prior_wall = 0.0
+            self.note(status="failed", error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self._rewrite(rows)
+        else:
+            self._started = True
+            self._finish(None, "failed", error)
 
-    def fail(self, error: str):
-        self.flush(status="failed", error=error[-2000:])
+
+def journal_path(log_path: Path) -> Path:
+    return Path(log_path).with_name(Path(log_path).name + ".rows")
 
 
 def _append_rows(group, rows):
@@ -176,14 +247,43 @@ def _append_rows(group, rows):
         ds[n0:] = [r.get(k, np.nan) for r in rows]
 
 
+def _journal_rows(path: Path, token: str) -> dict:
+    """The rows of the journal that belongs to the HDF5 file whose `journal` attribute is `token`."""
+    rows = {"train": [], "eval": []}
+    journal = journal_path(path)
+    if not token or not journal.exists():
+        return rows
+    lines = journal.read_text().split("\n")
+    try:
+        if json.loads(lines[0]).get("journal") != token:
+            return rows  # left by an earlier session: its rows are in the file already
+    except ValueError:
+        return rows
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break  # the last line of a killed flush: cut short
+        rows[row.pop("group")].append(row)
+    return rows
+
+
 def read_log(path) -> dict:
-    """Everything in a log as plain Python: attrs, train/eval arrays, final metrics."""
+    """Everything in a log as plain Python: attrs, train/eval arrays (the journal's rows of a
+    running job included), final metrics."""
     with h5py.File(path, "r") as f:
         out = {"attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}}
         for group in ("train", "eval"):
             out[group] = {k: ds[:] for k, ds in f[group].items()} if group in f else {}
         out["final"] = dict(f["final"].attrs) if "final" in f else {}
     out["config"] = json.loads(out["attrs"]["config"])
+    extra = _journal_rows(Path(path), out["attrs"].get("journal", ""))
+    for group, rows in extra.items():
+        if rows:
+            keys = set(out[group]) | {k for r in rows for k in r}
+            n = len(out[group].get("step", []))
+            out[group] = {k: np.concatenate([out[group].get(k, np.full(n, np.nan)), [r.get(k, np.nan) for r in rows]])
+                          for k in keys}
     return out
 
 

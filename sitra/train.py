@@ -9,6 +9,10 @@ Under torchrun, srun or the launcher's --tasks_per_node the loop runs data-paral
 module is wrapped in DistributedDataParallel, every process reads its own slice of each batch,
 gradients are all-reduced once per optimizer step (not on the accumulation micro-steps), and only
 rank 0 evaluates, logs and writes checkpoints (which hold every process's random state).
+
+Reading order: `Student` (one trained module: its optimizer, schedule, random stream, checkpoint,
+best weights and log), the fusion section (students sharing one loop start and save together),
+then the loop itself, `train_many`, with the helpers for one step before it.
 """
 import hashlib
 import json
@@ -149,6 +153,7 @@ def data_parallel(model, step_loss, device):
 
 @dataclass
 class Progress:
+    """Where a student is. step, epoch and batch are the data position, which fused students share."""
     step: int = 0          # optimizer steps done
     epoch: int = 0         # current epoch
     batch: int = 0         # micro-batches of the current epoch already consumed
@@ -159,8 +164,8 @@ class Progress:
 
 @dataclass
 class Trainee:
-    """One trained module with its loss, run folder and log; several may share one loop (a fused
-    sweep), each with its own optimizer, schedule, checkpoints, best-model choice and random stream."""
+    """What a job gives the loop for one student: the trained module with its loss, run folder and
+    log, and how it is evaluated; several may share one loop (a fused sweep)."""
     model: nn.Module
     step_loss: object
     run: object
@@ -182,47 +187,256 @@ def random_stream(seed: int, student_config: dict, rank: int) -> dict:
         return _rng_state()
 
 
-class _State:
-    """A trainee's optimizer, schedule, scaler, progress, random stream and checkpoint paths."""
+def _detached(value):
+    """A loss part as it is summed over micro-batches: a float64 tensor left on its device (read
+    on the host only when the step is logged), or a float."""
+    return value.detach().double().reshape(()) if torch.is_tensor(value) else float(value)
 
-    def __init__(self, t: Trainee, args, total, device, use_scaler):
-        self.t = t
-        self.forward = data_parallel(t.model, t.step_loss, device)
-        self.optimizer = _optimizer(t.model, args)
+
+def _host_floats(values: list) -> list[float]:
+    """Python floats of numbers and 0-dim tensors; the tensors are read in one device-to-host copy."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    read = iter(torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist() if tensors else [])
+    return [next(read) if torch.is_tensor(v) else float(v) for v in values]
+
+
+class Student:
+    """One trained module and all the loop keeps for it: its step_loss (data-parallel when several
+    processes train), optimizer, LR schedule, grad scaler, random stream (dropout), progress and
+    best choice, its checkpoint files (latest.pt, best.safetensors) and its log."""
+
+    def __init__(self, spec: Trainee, args: TrainArgs, total: int, device, use_scaler: bool):
+        self.model, self.step_loss, self.run, self.log = spec.model, spec.step_loss, spec.run, spec.log
+        self.evaluate, self.select = spec.evaluate, spec.select
+        self.forward = data_parallel(self.model, self.step_loss, device)
+        self.optimizer = _optimizer(self.model, args)
         self.scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=args.warmup_steps,
                                        num_training_steps=total)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.params = [p for p in t.model.parameters() if p.requires_grad]
-        self.latest, self.best_path = t.run.checkpoint_dir / "latest.pt", t.run.checkpoint_dir / "best.safetensors"
-        self.next = t.run.checkpoint_dir / "latest.next.pt"
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        folder = self.run.checkpoint_dir
+        self.latest, self.next, self.best_path = folder / "latest.pt", folder / "latest.next.pt", folder / "best.safetensors"
         self.progress = Progress()
-        self.rng = random_stream(args.seed, t.run.student_config, runtime.rank())
+        self.rng = random_stream(args.seed, self.run.student_config, runtime.rank())
+        self.sums, self.lr, self.grad_norm = {}, None, None  # of the step being taken
+
+    # -- its checkpoint
+
+    def resume(self, device, total: int):
+        """Continue from latest.pt if there is one: weights, optimizer, schedule, scaler, progress and
+        this process's random stream. The log starts (or continues) either way."""
+        if not self.latest.exists():
+            self.log.start()
+            return
+        ckpt = torch.load(self.latest, map_location=device, weights_only=False)
+        if len(ckpt["rng"]) != runtime.world_size():
+            raise UsageError(f"{self.latest} was written by {len(ckpt['rng'])} processes and this run has "
+                             f"{runtime.world_size()}: resume with as many processes, or pass --overwrite")
+        self.model.load_state_dict(ckpt["model"], strict=False)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.progress = Progress(**ckpt["progress"])
+        self.rng = ckpt["rng"][runtime.rank()]
+        self.log.start(resume_step=self.progress.step)
+        print(f"resuming {self.run.name} from step {self.progress.step} of {total}")
+
+    def save(self, path, at: Progress, rngs: list):
+        """Write the checkpoint at data position `at` to `path` (rank 0); rngs: this student's
+        random stream in every process. The log is flushed first: it never lags a checkpoint."""
+        self.log.flush()
+        self.move_to(at)
+        state = {"model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "progress": vars(self.progress).copy(), "rng": rngs, "config": self.run.config}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def move_to(self, at: Progress):
+        self.progress.step, self.progress.epoch, self.progress.batch = at.step, at.epoch, at.batch
+
+    def write_best(self, metadata: dict):
+        weights = {k: v.contiguous() for k, v in trainable_state(self.model).items()}
+        atomic_write(self.best_path, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+
+    # -- one optimizer step
+
+    def micro_step(self, batch, share: float, n: int, autocast, no_sync: bool):
+        """Forward and backward of one of the step's n micro-batches (`share`: world x this process's
+        fraction of it), drawing dropout from the student's own stream. The loss and its parts add
+        to the step's sums, weighted alike, as detached tensors: no host sync per micro-batch."""
+        outer = _swap_stream(self.rng)
+        with self.forward.no_sync() if no_sync else nullcontext():
+            with autocast():
+                loss, parts = self.forward(batch)
+            self.scaler.scale(loss * share / n).backward()
+        self.rng = _swap_stream(outer)
+        for k, v in {"loss": loss, **parts}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + _detached(v) * share / n
+
+    def optimizer_step(self, max_grad_norm: float):
+        self.scaler.unscale_(self.optimizer)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm or math.inf)  # read when logged
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+
+    def log_step(self, step: int, means: dict, grad_norm: float, tokens_per_s: float, tokens_per_s_total: float):
+        self.log.train(step, lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                       tokens_per_s_total=tokens_per_s_total, **means)
+        self.sums = {}
+
+    # -- evaluation and the end
+
+    def evaluated(self, step: int, metrics: dict):
+        """Back to training modes; log the held-out metrics; a new lowest `select` is the best."""
+        _freeze_modes(self.model)
+        self.progress.last_eval_step = step
+        self.log.eval(step, **metrics)
+        if metrics[self.select] < self.progress.best:
+            self.progress.best, self.progress.best_step = float(metrics[self.select]), step
+            self.write_best({"step": str(step), self.select: str(metrics[self.select])})
+
+    def finish(self, at: Progress, evaluated: bool, peak_mb: float):
+        if not self.best_path.exists() or not evaluated:  # nothing chose a best: the final weights
+            self.write_best({"step": str(at.step)})
+        self.log.note(peak_memory_mb=peak_mb)
+        self.move_to(at)
 
 
-def _settle_checkpoints(states):
+# ---------------------------------------------------------------------------------------------
+# Fusion: the students of one loop read the same batches (one teacher pass) and move together.
+# They resume from one data position, and their checkpoints are committed together (every
+# latest.next.pt written, then all renamed to latest.pt), so a stop at any moment, even in the
+# middle of a save, leaves them all at one step.
+
+
+def _settle_checkpoints(students):
     """Finish or undo a save that stopped half-way: a fused save writes every trainee's
     latest.next.pt, then renames them to latest.pt. If all next files were written (or already
     renamed) the renames are completed, else the next files are dropped: all trainees resume
     from one step."""
-    pending = [s for s in states if s.next.exists()]
+    pending = [s for s in students if s.next.exists()]
     if not pending or not runtime.is_main():
         return
     step = torch.load(pending[0].next, map_location="cpu", weights_only=False)["progress"]["step"]
     def at_step(s):
         f = s.next if s.next.exists() else s.latest
         return f.exists() and torch.load(f, map_location="cpu", weights_only=False)["progress"]["step"] == step
-    complete = all(at_step(s) for s in states)
+    complete = all(at_step(s) for s in students)
     for s in pending:
         os.replace(s.next, s.latest) if complete else s.next.unlink()
+
+
+def _start_together(students: list[Student], args: TrainArgs, device, total: int) -> Progress:
+    """Say how the batch is made, settle a save cut short, resume every student (or start its log)
+    and return the data position (step, epoch, batch) they all continue from."""
+    world, accum = runtime.world_size(), args.gradient_accumulation_steps
+    effective = args.batch_size * world * accum
+    if world > 1 or accum > 1:
+        print(f"effective batch: {args.batch_size} per process x {world} processes x {accum} accumulation = {effective}")
+    if len(students) > 1:
+        print(f"{len(students)} students share each teacher pass: " + ", ".join(s.run.name for s in students))
+    _settle_checkpoints(students)
+    runtime.barrier()
+    for s in students:
+        s.log.note(world_size=world, effective_batch_size=effective, fused_students=len(students))
+        s.resume(device, total)
+    if len({(s.progress.step, s.progress.epoch, s.progress.batch) for s in students}) > 1:
+        raise UsageError("the fused runs were saved at different steps: rerun them separately or pass --overwrite")
+    first = students[0].progress
+    return Progress(step=first.step, epoch=first.epoch, batch=first.batch)
+
+
+def _save_together(students: list[Student], at: Progress):
+    """Every student's checkpoint at `at`: all latest.next.pt files, then all renames (rank 0)."""
+    rngs = runtime.all_gather_object([s.rng for s in students])  # each process's stream of each student
+    if not runtime.is_main():
+        return
+    for i, s in enumerate(students):
+        s.save(s.next, at, [r[i] for r in rngs])
+    for s in students:  # every student's checkpoint is written: now they all move on together
+        os.replace(s.next, s.latest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop and its steps
+
+
+def _cadence(args: TrainArgs, n_batches: int) -> tuple[int, int, int]:
+    """(optimizer steps to train, evaluate every N steps, save every N steps)."""
+    steps_per_epoch = math.ceil(n_batches / args.gradient_accumulation_steps)
+    total = args.max_steps or args.epochs * steps_per_epoch
+    save_every = args.save_steps or max(1, round(args.save_checkpoint_every * steps_per_epoch))
+    return total, args.eval_steps or steps_per_epoch, save_every
+
+
+def _step_batches(batches, at: Progress, accum: int):
+    """The micro-batches of each optimizer step from data position `at` to the end of its epoch:
+    ([(batch, this process's share of it)], whether the epoch ends with them). at.batch counts
+    the micro-batches read."""
+    micro = []
+    for batch in batches.epoch(at.epoch, start=at.batch):
+        micro.append((batch, batches.share(at.batch)))
+        at.batch += 1
+        epoch_done = at.batch == len(batches)
+        if len(micro) == accum or epoch_done:
+            yield micro, epoch_done
+            micro = []
+
+
+def _log_step(students: list[Student], step: int, tokens: int, tick: float, stop: bool, device, bar) -> bool:
+    """Log the step of every student: its loss parts (summed over micro-batches, then averaged over
+    processes), lr, grad norm and tokens/s. The values are read on the host here, once per step,
+    and all-reduced in one collective with the token count and the stop flag; returns whether any
+    process asks to stop."""
+    world = runtime.world_size()
+    numbers = _host_floats([s.grad_norm for s in students] + [v for s in students for v in s.sums.values()])
+    norms, flat = numbers[:len(students)], numbers[len(students):]
+    elapsed = max(time.perf_counter() - tick, 1e-9)
+    total_tokens, stop, *flat = runtime.all_reduce_sum([tokens, stop, *flat], device)
+    tok_s, tok_s_total = tokens / elapsed, total_tokens / elapsed
+    means = []
+    for s in students:
+        means.append({k: v / world for k, v in zip(s.sums, flat)})  # the mean over processes
+        flat = flat[len(s.sums):]
+    for s, mean, norm in zip(students, means, norms):
+        s.log_step(step, mean, norm, tok_s, tok_s_total)
+    bar.update(1)
+    bar.set_postfix(loss=f"{means[0]['loss']:.4g}", tok_s=f"{tok_s:.0f}",
+                    **({"tok_s_total": f"{tok_s_total:.0f}"} if world > 1 else {}), refresh=False)
+    return stop
+
+
+def _evaluate(students: list[Student], evaluate_all, autocast, step: int, bar):
+    """Evaluate every student (evaluate_all() may share the teacher's passes), log, keep the best."""
+    for s in students:
+        s.model.eval()
+    with torch.inference_mode(), autocast():
+        all_metrics = evaluate_all() if evaluate_all is not None else [s.evaluate() for s in students]
+    for s, metrics in zip(students, all_metrics):
+        s.evaluated(step, metrics)
+    if len(students) == 1:
+        bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in all_metrics[0].items()))
+    else:
+        bar.write(f"step {step}: {students[0].select} " + "  ".join(
+            f"{s.run.name} {m[s.select]:.4g}" for s, m in zip(students, all_metrics)))
+
+
+def _stop(students: list[Student], at: Progress, total: int, bar):
+    _save_together(students, at)
+    bar.close()
+    raise Interrupted(f"stopped at step {at.step} of {total}; rerun the same command to resume")
 
 
 def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, select: str = "eval_loss"):
     """Train the parameters of `model` that require grad; returns the final `Progress`.
 
-    step_loss(batch) -> (loss, {name: float}) computes one micro-batch's loss (the mean over its
-    positions); micro-batch losses are averaged over the accumulation group and over processes
-    (each weighted by its share of the batch's examples). evaluate() -> dict gives held-out
-    metrics; the checkpoint with the lowest `select` is kept as best.safetensors.
+    step_loss(batch) -> (loss, {name: float or 0-dim tensor}) computes one micro-batch's loss (the
+    mean over its positions); micro-batch losses are averaged over the accumulation group and over
+    processes (each weighted by its share of the batch's examples). evaluate() -> dict gives
+    held-out metrics; the checkpoint with the lowest `select` is kept as best.safetensors.
     """
     return train_many([Trainee(model, step_loss, run, log, evaluate, select)], batches, args)[0]
 
@@ -235,169 +449,54 @@ def train_many(trainees: list[Trainee], batches, args: TrainArgs, prepare=None, 
     one teacher pass per batch. evaluate_all() -> [metrics of each trainee] may likewise share
     the teacher's passes over the held-out batches. Each trainee's result is what it would be alone.
     """
-    device = pick_device(args.device)
+    device, world = pick_device(args.device), runtime.world_size()
     autocast, use_scaler = autocast_for(device, args.precision)
-    world, main = runtime.world_size(), runtime.is_main()
     if world > 1:
         batches = batches.shard(runtime.rank(), world)
-    accum = args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(batches) / accum)
-    total = args.max_steps or args.epochs * steps_per_epoch
-    save_every = args.save_steps or max(1, round(args.save_checkpoint_every * steps_per_epoch))
-    eval_every = args.eval_steps or steps_per_epoch
-    states = [_State(t, args, total, device, use_scaler) for t in trainees]
-    effective = args.batch_size * world * accum
-    if world > 1 or accum > 1:
-        print(f"effective batch: {args.batch_size} per process x {world} processes x {accum} accumulation = {effective}")
-    if len(states) > 1:
-        print(f"{len(states)} students share each teacher pass: " + ", ".join(s.t.run.name for s in states))
-
-    _settle_checkpoints(states)
-    runtime.barrier()
-    for s in states:
-        s.t.log.note(world_size=world, effective_batch_size=effective, fused_students=len(states))
-        if s.latest.exists():
-            ckpt = torch.load(s.latest, map_location=device, weights_only=False)
-            if len(ckpt["rng"]) != world:
-                raise UsageError(f"{s.latest} was written by {len(ckpt['rng'])} processes and this run has {world}: "
-                                 "resume with as many processes, or pass --overwrite")
-            s.t.model.load_state_dict(ckpt["model"], strict=False)
-            s.optimizer.load_state_dict(ckpt["optimizer"])
-            s.scheduler.load_state_dict(ckpt["scheduler"])
-            s.scaler.load_state_dict(ckpt["scaler"])
-            s.progress = Progress(**ckpt["progress"])
-            s.rng = ckpt["rng"][runtime.rank()]
-            s.t.log.start(resume_step=s.progress.step)
-            print(f"resuming {s.t.run.name} from step {s.progress.step} of {total}")
-        else:
-            s.t.log.start()
-    if len({(s.progress.step, s.progress.epoch, s.progress.batch) for s in states}) > 1:
-        raise UsageError("the fused runs were saved at different steps: rerun them separately or pass --overwrite")
-    progress = states[0].progress  # the shared data position; each state keeps its own best
-
-    def save():
-        rngs = runtime.all_gather_object([s.rng for s in states])
-        if not main:
-            return
-        for i, s in enumerate(states):
-            s.t.log.flush()
-            s.progress.step, s.progress.epoch, s.progress.batch = progress.step, progress.epoch, progress.batch
-            state = {"model": trainable_state(s.t.model), "optimizer": s.optimizer.state_dict(),
-                     "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
-                     "progress": vars(s.progress).copy(), "rng": [r[i] for r in rngs], "config": s.t.run.config}
-            atomic_write(s.next, lambda tmp: torch.save(state, tmp))
-        for s in states:  # every trainee's checkpoint is written: now they all move on together
-            os.replace(s.next, s.latest)
-
-    def evaluate_each():
-        return [s.t.evaluate() for s in states]
-
-    def run_evals():
-        for s in states:
-            s.t.model.eval()
-        with torch.inference_mode(), autocast():
-            all_metrics = (evaluate_all or evaluate_each)()
-        for s, metrics in zip(states, all_metrics):
-            _freeze_modes(s.t.model)
-            s.progress.last_eval_step = progress.step
-            s.t.log.eval(progress.step, **metrics)
-            if metrics[s.t.select] < s.progress.best:
-                s.progress.best, s.progress.best_step = float(metrics[s.t.select]), progress.step
-                meta = {"step": str(progress.step), s.t.select: str(metrics[s.t.select])}
-                atomic_write(s.best_path, lambda tmp: save_file(
-                    {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp), metadata=meta))
-            if len(states) == 1:
-                bar.write(f"step {progress.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if len(states) > 1:
-            bar.write(f"step {progress.step}: {states[0].t.select} " + "  ".join(
-                f"{s.t.run.name} {m[s.t.select]:.4g}" for s, m in zip(states, all_metrics)))
-
-    def stop_and_raise():
-        save()
-        bar.close()
-        raise Interrupted(f"stopped at step {progress.step} of {total}; rerun the same command to resume")
-
+    total, eval_every, save_every = _cadence(args, len(batches))
+    students = [Student(t, args, total, device, use_scaler) for t in trainees]
+    at = _start_together(students, args, device, total)  # the data position all students share
     # only rank 0 evaluates: the other processes wait for it at the next all-reduce
-    evaluating = main and (evaluate_all is not None or all(s.t.evaluate for s in states))
-    name = states[0].t.run.name + (f" (+{len(states) - 1} fused)" if len(states) > 1 else "")
-    bar = progress_bar(total=total, initial=progress.step, desc=name)
-    if evaluating and progress.step == 0 and progress.last_eval_step < 0:
-        run_evals()  # the starting point, so every log shows how far training moved
-    for s in states:
-        _freeze_modes(s.t.model)
-    while progress.step < total:
+    evaluating = runtime.is_main() and (evaluate_all is not None or all(s.evaluate for s in students))
+    name = students[0].run.name + (f" (+{len(students) - 1} fused)" if len(students) > 1 else "")
+    bar = progress_bar(total=total, initial=at.step, desc=name)
+    if evaluating and at.step == 0 and students[0].progress.last_eval_step < 0:
+        _evaluate(students, evaluate_all, autocast, at.step, bar)  # the start: every log shows how far training moved
+    for s in students:
+        _freeze_modes(s.model)
+    while at.step < total:  # one pass per epoch (the rest of one when resumed)
         if runtime.all_reduce_sum([_stop_requested.is_set()], device)[0]:
-            stop_and_raise()  # asked to stop before this step: the state is saved already
-        micro = []
+            _stop(students, at, total, bar)  # asked to stop before this step: the state is saved already
         tick, tokens = time.perf_counter(), 0
-        for batch in batches.epoch(progress.epoch, start=progress.batch):
-            micro.append((batch, batches.share(progress.batch)))
-            progress.batch += 1
-            epoch_done = progress.batch == len(batches)
-            if len(micro) < accum and not epoch_done:
-                continue
-            parts_sums = [{} for _ in states]
-            for i, (b, share) in enumerate(micro):
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-                tokens += int(b["attention_mask"].sum())
+        for micro, epoch_done in _step_batches(batches, at, args.gradient_accumulation_steps):
+            for i, (batch, share) in enumerate(micro):
+                tokens += int(batch["attention_mask"].sum())  # on the host, before the copy to the device
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if prepare is not None:
                     with autocast():
-                        b = prepare(b)
-                no_sync = world > 1 and i < len(micro) - 1  # all-reduce once, after the last micro-batch
-                for s, parts_sum in zip(states, parts_sums):
-                    global_rng = _swap_stream(s.rng)
-                    with s.forward.no_sync() if no_sync else nullcontext():
-                        with autocast():
-                            loss, parts = s.forward(b)
-                        s.scaler.scale(loss * share / len(micro)).backward()
-                    s.rng = _swap_stream(global_rng)
-                    for k, v in {"loss": float(loss.detach()), **parts}.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share / len(micro)
-            micro = []
-            lrs, norms = [], []
-            for s in states:
-                s.scaler.unscale_(s.optimizer)
-                norms.append(float(torch.nn.utils.clip_grad_norm_(s.params, args.max_grad_norm or math.inf)))
-                s.scaler.step(s.optimizer)
-                s.scaler.update()
-                s.optimizer.zero_grad(set_to_none=True)
-                lrs.append(s.scheduler.get_last_lr()[0])
-                s.scheduler.step()
-            progress.step += 1
+                        batch = prepare(batch)  # e.g. the teacher's forward, once for all students
+                for s in students:  # gradients are all-reduced once, after the last micro-batch
+                    s.micro_step(batch, share, len(micro), autocast, no_sync=world > 1 and i < len(micro) - 1)
+            for s in students:
+                s.optimizer_step(args.max_grad_norm)
+            at.step += 1
             if epoch_done:
-                progress.epoch, progress.batch = progress.epoch + 1, 0
-            elapsed = max(time.perf_counter() - tick, 1e-9)
-            stop = _stop_requested.is_set() or progress.step == args.stop_after_steps
-            flat = [v for parts_sum in parts_sums for v in parts_sum.values()]
-            total_tokens, stop, *flat = runtime.all_reduce_sum([tokens, stop, *flat], device)
-            tok_s, tok_s_total = tokens / elapsed, total_tokens / elapsed
-            for s, parts_sum, lr, norm in zip(states, parts_sums, lrs, norms):
-                n = len(parts_sum)
-                mean = {k: v / world for k, v in zip(parts_sum, flat[:n])}  # the mean over processes
-                flat = flat[n:]
-                s.t.log.train(progress.step, lr=lr, grad_norm=norm, tokens_per_s=tok_s, tokens_per_s_total=tok_s_total, **mean)
-                parts_sum.update(mean)
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts_sums[0]['loss']:.4g}", tok_s=f"{tok_s:.0f}",
-                            **({"tok_s_total": f"{tok_s_total:.0f}"} if world > 1 else {}), refresh=False)
+                at.epoch, at.batch = at.epoch + 1, 0
+            stop = _stop_requested.is_set() or at.step == args.stop_after_steps
+            stop = _log_step(students, at.step, tokens, tick, stop, device, bar)  # any process asks to stop
             tick, tokens = time.perf_counter(), 0
-            done = progress.step >= total
-            if evaluating and (progress.step % eval_every == 0 or done):
-                run_evals()
-            if progress.step % save_every == 0 or done:
-                save()
+            done = at.step >= total
+            if evaluating and (at.step % eval_every == 0 or done):
+                _evaluate(students, evaluate_all, autocast, at.step, bar)
+            if at.step % save_every == 0 or done:
+                _save_together(students, at)
             if stop and not done:
-                stop_and_raise()
-            if done or epoch_done:
+                _stop(students, at, total, bar)
+            if done:
                 break
     bar.close()
     peak = peak_memory_mb(device)
-    for s in states:
-        if not s.best_path.exists() or not evaluating:
-            atomic_write(s.best_path, lambda tmp: save_file(
-                {k: v.contiguous() for k, v in trainable_state(s.t.model).items()}, str(tmp),
-                metadata={"step": str(progress.step)}))
-        s.t.log.note(peak_memory_mb=peak)
-        s.progress.step, s.progress.epoch, s.progress.batch = progress.step, progress.epoch, progress.batch
+    for s in students:
+        s.finish(at, evaluating, peak)
     runtime.barrier()  # the others may read best.safetensors next
-    return [s.progress for s in states]
+    return [s.progress for s in students]
