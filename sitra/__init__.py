@@ -1,3 +1,3 @@
 """sitra: make transformers smaller by distillation, run as resumable cluster batch jobs."""
-from sitra.version import __version__
 import sitra.models  # registers the sitra model classes with transformers' Auto classes
+from sitra.version import __version__

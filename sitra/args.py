@@ -14,7 +14,6 @@ from typing import Literal
 from sitra.errors import UsageError
 from sitra.presets import PRESETS
 
-
 SITRA_METADATA = ("not_part_of_run", "teacher_source")
 
 

@@ -29,6 +29,7 @@ from sitra.args import marked
 from sitra.errors import Interrupted, UsageError
 from sitra.version import __version__
 
+
 def config_dict(args) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(args), default=str))
 

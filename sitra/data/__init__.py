@@ -1,5 +1,12 @@
 """Corpora, tokenisation, masking and resumable batching."""
+from sitra.data.causal import CausalCollator, causal_texts, lm_corpus, pack, shifted
+from sitra.data.cells import (
+    BucketedMLMCollator,
+    CellExamples,
+    H5ad,
+    LengthGroupedBatches,
+    load_corpus,
+    split_cells,
+)
 from sitra.data.mlm import Batches, MLMCollator, example_generator, pad, tokenize_lines
 from sitra.data.text import BUILTIN, load_texts, python_docs_paragraphs, take_fraction
-from sitra.data.causal import CausalCollator, causal_texts, lm_corpus, pack, shifted
-from sitra.data.cells import BucketedMLMCollator, CellExamples, H5ad, LengthGroupedBatches, load_corpus, split_cells

@@ -10,16 +10,16 @@ of the file (a stable sort), so a file always gives the same corpus.
 """
 import pickle
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
 from sitra import runtime
-from sitra.errors import UsageError
 from sitra.data.mlm import Batches, MLMCollator, pad
+from sitra.errors import UsageError
 
 GENEFORMER_PAD_ID, GENEFORMER_MASK_ID = 0, 1  # Geneformer V1: <pad> = 0, <mask> = 1
 TARGET_SUM = 10_000

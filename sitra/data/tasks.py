@@ -8,9 +8,9 @@ from typing import Literal
 
 import torch
 
-from sitra.errors import UsageError
 from sitra.data.mlm import Batches, pad
 from sitra.data.text import take_fraction
+from sitra.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
 TEXT_COLUMNS = ("sentence", "content")  # GLUE SST-2 train.tsv has `sentence`, some dev.tsv copies `content`

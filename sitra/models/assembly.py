@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sitra.outputs import write_folder
 from sitra.errors import UsageError
 from sitra.models.attention import StudentSelfAttention
 from sitra.models.merged import new_merged_layer
+from sitra.outputs import write_folder
 
 
 def load_weights(checkpoint_dir: Path) -> dict:

@@ -6,8 +6,14 @@ layers with `StudentSelfAttention`, so `save_pretrained` / `AutoModel*.from_pret
 round-trip exactly once `sitra` is imported. `config.layer_sources` says which teacher layers
 each layer replaces.
 """
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig
-from transformers import BertForMaskedLM, BertModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+)
 
 from sitra.models.attention import StudentSelfAttention
 

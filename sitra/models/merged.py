@@ -6,8 +6,8 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 from sitra.losses import compare, fidelity
 from sitra.models.attention import StudentSelfAttention, init_linear
-from sitra.models.capture import apply_layers, layers_io
 from sitra.models.bert import encoder_layers
+from sitra.models.capture import apply_layers, layers_io
 
 INITS = ("first", "average", "random")
 

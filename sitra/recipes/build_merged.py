@@ -2,13 +2,17 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra.args import PresetArgs
 from sitra import models
+from sitra.args import PresetArgs
 from sitra.errors import UsageError
+from sitra.models.assembly import (
+    merge_run_start,
+    merge_runs,
+    outputs_equal,
+    read_merged,
+    save_model_folder,
+)
 from sitra.outputs import check_output
-from sitra.models.assembly import outputs_equal, save_model_folder
-from sitra.models.assembly import merge_run_start, merge_runs, read_merged
-
 
 JOB = "build_merged"
 

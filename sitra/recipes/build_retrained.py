@@ -2,13 +2,16 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from sitra.args import PresetArgs
 from sitra import models
+from sitra.args import PresetArgs
 from sitra.errors import UsageError
+from sitra.models.assembly import (
+    block_runs,
+    outputs_equal,
+    read_block,
+    save_model_folder,
+)
 from sitra.outputs import check_output
-from sitra.models.assembly import block_runs, outputs_equal, read_block, save_model_folder
-
 
 JOB = "build_retrained"
 

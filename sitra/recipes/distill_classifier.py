@@ -14,17 +14,20 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from sitra import data, losses, models, records, results, runtime
 from sitra.args import KDArgs, RecordsArgs, check_kd
-from sitra.errors import UsageError
-from sitra.evaluate import format_table
-from sitra.models import lowbit
-from sitra.models.causal import student_from_teacher_layers
-from sitra.models.teacher import TOKENIZER_FILES
-from sitra.models.assembly import save_model_folder
-from sitra.models.assembly import load_weights
-from sitra.data.tasks import ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, labelled_splits
-from sitra.evaluate import classifier_table, flat, validation_scores
 from sitra.cards import data_description, optimiser_line, write_card
-from sitra.models.teacher import declared_labels, is_classifier
+from sitra.data.tasks import (
+    ClassifierDataArgs,
+    check_classifier_data,
+    check_padding,
+    classification_batches,
+    labelled_splits,
+)
+from sitra.errors import UsageError
+from sitra.evaluate import classifier_table, flat, format_table, validation_scores
+from sitra.models import lowbit
+from sitra.models.assembly import load_weights, save_model_folder
+from sitra.models.causal import student_from_teacher_layers
+from sitra.models.teacher import TOKENIZER_FILES, declared_labels, is_classifier
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_classifier"

@@ -13,15 +13,20 @@ from typing import Literal
 
 import torch
 
-from sitra import runtime, losses, models, records, results
-from sitra.cli import command_line
+from sitra import losses, models, records, results, runtime
 from sitra.args import KDArgs, RecordsArgs, check_kd, kd_field
-from sitra.errors import UsageError
+from sitra.cli import command_line
 from sitra.data.cells import (
-    CellDataArgs, check_cell_data, eval_cell_batches, masking,
-    BucketedMLMCollator, LengthGroupedBatches, bucket_sizes,
+    BucketedMLMCollator,
+    CellDataArgs,
+    LengthGroupedBatches,
+    bucket_sizes,
+    check_cell_data,
+    eval_cell_batches,
+    masking,
 )
 from sitra.data.mlm import Batches, MLMCollator
+from sitra.errors import UsageError
 from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
 from sitra.models import lowbit
 from sitra.models.assembly import load_weights, save_model_folder

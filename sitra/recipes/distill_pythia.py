@@ -12,19 +12,24 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from sitra import data, losses, models, records, results, runtime
-from sitra.cli import command_line
 from sitra.args import KDArgs, RecordsArgs, check_kd
+from sitra.cli import command_line
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
 from sitra.models import lowbit
+from sitra.models.assembly import load_weights, save_model_folder
 from sitra.models.capture import qkv_hooks
-from sitra.models.causal import (final_hidden, lm_head, on_policy_prompts, random_student, sample_continuations,
-                                 shared_vocab, student_from_teacher_layers)
-from sitra.models.assembly import save_model_folder
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.recipes.common import held_out_mean
-from sitra.models.assembly import load_weights
-from sitra.train import TrainArgs, check_train_args, train
+from sitra.models.causal import (
+    final_hidden,
+    lm_head,
+    on_policy_prompts,
+    random_student,
+    sample_continuations,
+    shared_vocab,
+    student_from_teacher_layers,
+)
+from sitra.train import TrainArgs, check_train_args, held_out_mean, train
 
 JOB = "distill_pythia"
 

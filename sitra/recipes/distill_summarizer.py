@@ -15,19 +15,20 @@ from transformers import AutoModelForCausalLM
 
 from sitra import data, losses, models, records, results, runtime
 from sitra.args import KDArgs, RecordsArgs, check_kd
-from sitra.errors import UsageError
-from sitra.data import tasks
-from sitra.evaluate import format_table
-from sitra.evaluate import generate_summaries, rouge, rouge_config
-from sitra.models import lowbit
-from sitra.models.causal import final_hidden, lm_head, shared_vocab, student_from_teacher_layers
-from sitra.models.assembly import save_model_folder
-from sitra.recipes.common import held_out_mean
-from sitra.models.assembly import load_weights
-from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
 from sitra.cards import data_description, optimiser_line, write_card
-from sitra.evaluate import flat
-from sitra.train import TrainArgs, check_train_args, train
+from sitra.data import tasks
+from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
+from sitra.errors import UsageError
+from sitra.evaluate import flat, format_table, generate_summaries, rouge, rouge_config
+from sitra.models import lowbit
+from sitra.models.assembly import load_weights, save_model_folder
+from sitra.models.causal import (
+    final_hidden,
+    lm_head,
+    shared_vocab,
+    student_from_teacher_layers,
+)
+from sitra.train import TrainArgs, check_train_args, held_out_mean, train
 
 JOB = "distill_summarizer"
 DEFAULT_TEMPLATE = "Summarize the following:\n{document}\nSummary:"

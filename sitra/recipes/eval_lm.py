@@ -7,12 +7,12 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from sitra.args import PlaceArgs
 from sitra import data, models, results, runtime
+from sitra.args import PlaceArgs
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, lambada_accuracy, sliding_windows
 from sitra.models.lowbit import MIB, weight_bytes
-from sitra.data.text import TextDataArgs, check_data_args
 
 JOB = "eval_lm"
 

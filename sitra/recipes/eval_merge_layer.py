@@ -5,15 +5,14 @@ from pathlib import Path
 
 import torch
 
-from sitra.args import PlaceArgs
 from sitra import models, results, runtime
-from sitra.evaluate import evaluate_models, format_table
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.args import check_block
-from sitra.recipes.common import held_out_mean
+from sitra.args import PlaceArgs, check_block
 from sitra.data.mlm import text_batches
-from sitra.models.merged import merge_step, merge_teacher_pass
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.evaluate import evaluate_models, format_table
 from sitra.models.assembly import find_merge_run, merge_run_start, read_merged
+from sitra.models.merged import merge_step, merge_teacher_pass
+from sitra.train import held_out_mean
 
 JOB = "eval_merge_layer"
 

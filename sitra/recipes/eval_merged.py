@@ -3,12 +3,12 @@ masks: MLM accuracy, top-5, perplexity, hidden-state fidelity, size and forward 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra.args import PlaceArgs
 from sitra import models, results, runtime
+from sitra.args import PlaceArgs
+from sitra.data.mlm import text_batches
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import bar_plot, evaluate_models, format_table
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.data.mlm import text_batches
 from sitra.results import atomic_write
 
 JOB = "eval_merged"

@@ -3,11 +3,11 @@ accuracy, top-5 accuracy, perplexity and parameter count, as a table and an HDF5
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra.args import PlaceArgs
 from sitra import models, results, runtime
+from sitra.args import PlaceArgs
+from sitra.data.cells import CellDataArgs, check_cell_data, eval_cell_batches
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_mlm, format_table
-from sitra.data.cells import CellDataArgs, check_cell_data, eval_cell_batches
 
 JOB = "eval_quick"
 

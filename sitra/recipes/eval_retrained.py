@@ -1,15 +1,15 @@
 """Evaluate a teacher, a retrained model and an optional reference on the same fixed masks."""
-from dataclasses import dataclass, field
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sitra.args import PlaceArgs
 from sitra import models, results, runtime
+from sitra.args import PlaceArgs
+from sitra.data.mlm import text_batches
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
 from sitra.models.assembly import block_runs, read_block
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.data.mlm import text_batches
 
 JOB = "eval_retrained"
 

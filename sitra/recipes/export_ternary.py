@@ -10,8 +10,8 @@ import torch
 
 from sitra import models
 from sitra.errors import UsageError
-from sitra.outputs import check_output, write_folder
 from sitra.models import lowbit
+from sitra.outputs import check_output, write_folder
 
 JOB = "export_ternary"
 

@@ -9,15 +9,13 @@ import torch
 
 from sitra import losses, models, results, runtime
 from sitra.args import KDArgs, check_kd
+from sitra.data.mlm import text_batches
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_models, format_table
-from sitra.models.assembly import save_model_folder
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.recipes.common import held_out_mean
 from sitra.losses import masked_kd
-from sitra.data.mlm import text_batches
-from sitra.models.assembly import load_weights
-from sitra.train import TrainArgs, check_train_args, train
+from sitra.models.assembly import load_weights, save_model_folder
+from sitra.train import TrainArgs, check_train_args, held_out_mean, train
 
 
 @dataclass(kw_only=True)

@@ -10,14 +10,18 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from sitra import models, results, runtime
-from sitra.errors import UsageError
-from sitra.data import tasks
-from sitra.evaluate import format_table
-from sitra.models.assembly import save_model_folder
-from sitra.models.assembly import load_weights
-from sitra.data.tasks import ClassifierDataArgs, check_classifier_data, check_padding, classification_batches, labelled_splits
-from sitra.evaluate import classifier_table, flat, validation_scores
 from sitra.cards import data_description, optimiser_line, write_card
+from sitra.data import tasks
+from sitra.data.tasks import (
+    ClassifierDataArgs,
+    check_classifier_data,
+    check_padding,
+    classification_batches,
+    labelled_splits,
+)
+from sitra.errors import UsageError
+from sitra.evaluate import classifier_table, flat, format_table, validation_scores
+from sitra.models.assembly import load_weights, save_model_folder
 from sitra.models.teacher import declared_labels
 from sitra.train import TrainArgs, check_train_args, train
 

@@ -28,8 +28,8 @@ from sitra import records, results, runtime
 from sitra.args import SAMPLINGS
 from sitra.cli import fail
 from sitra.cli import main as job_main
-from sitra.errors import UsageError
 from sitra.data.mlm import example_generator
+from sitra.errors import UsageError
 from sitra.runtime import progress_bar
 
 JOB = "record_teacher"

@@ -3,15 +3,13 @@ first to the teacher's output of the second."""
 from dataclasses import dataclass, field
 from typing import Literal
 
-
 from sitra import fuse, losses, models, results, runtime
+from sitra.args import StudentBlockArgs, check_student_block
+from sitra.data.mlm import text_batches
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.models.merged import INITS, merge_step, merge_teacher_pass
-from sitra.recipes.common import train_modules
-from sitra.args import StudentBlockArgs, check_student_block
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.data.mlm import text_batches
-from sitra.train import TrainArgs, check_train_args
+from sitra.train import TrainArgs, check_train_args, train_modules
 
 JOB = "retrain_merge"
 FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout", "intermediate_size", "init")

@@ -7,15 +7,14 @@ from typing import Literal
 import torch
 
 from sitra import fuse, losses, models, results, runtime
+from sitra.args import StudentBlockArgs, check_student_block
+from sitra.data.mlm import text_batches
+from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
+from sitra.losses import compare, fidelity
 from sitra.models.attention import attention_probs
 from sitra.models.capture import blocks_io
-from sitra.args import StudentBlockArgs, check_student_block
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.losses import compare, fidelity
-from sitra.data.mlm import text_batches
-from sitra.recipes.common import train_modules
-from sitra.train import TrainArgs, check_train_args
+from sitra.train import TrainArgs, check_train_args, train_modules
 
 JOB = "retrain_single_block"
 FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")

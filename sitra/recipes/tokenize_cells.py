@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sitra.data.cells import TARGET_SUM, H5ad, load_gene_dictionaries, tokenize_h5ad
 from sitra.errors import UsageError
 from sitra.outputs import check_output, write_folder
-from sitra.data.cells import TARGET_SUM, H5ad, load_gene_dictionaries, tokenize_h5ad
 
 JOB = "tokenize_cells"
 

@@ -6,14 +6,12 @@ from dataclasses import dataclass, field
 import torch
 
 from sitra import fuse, models, results, runtime
-from sitra.args import KDArgs, check_kd, kd_field
-from sitra.errors import UsageError
-from sitra.recipes.common import train_modules
-from sitra.args import StudentBlockArgs, check_student_block
-from sitra.data.text import TextDataArgs, check_data_args
-from sitra.losses import masked_kd
+from sitra.args import KDArgs, StudentBlockArgs, check_kd, check_student_block, kd_field
 from sitra.data.mlm import text_batches
-from sitra.train import TrainArgs, check_train_args
+from sitra.data.text import TextDataArgs, check_data_args
+from sitra.errors import UsageError
+from sitra.losses import masked_kd
+from sitra.train import TrainArgs, check_train_args, train_modules
 
 JOB = "train_block_till_end"
 FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
