@@ -3,8 +3,10 @@
 Bad input is raised as `UsageError` anywhere before compute starts; `main` turns it into one line
 on stderr and exit code 2, the same as argparse does for a bad flag value.
 """
+import contextlib
 import copy
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -12,8 +14,9 @@ from transformers import HfArgumentParser
 
 from sitra import fuse, runtime
 from sitra.args import SITRA_METADATA
-from sitra.errors import Interrupted, UsageError
+from sitra.errors import Interrupted, StorageError, UsageError
 from sitra.presets import PRESETS
+from sitra.train import request_stop
 
 
 class OneLineParser(HfArgumentParser):
@@ -82,15 +85,49 @@ def main(args_class, run, argv=None, positional: str | None = None, fused=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     grid = fuse.expand_argv(argv, fused[0]) if fused else None
     args = [parse(args_class, a, positional) for a in grid] if grid else parse(args_class, argv, positional)
+    signalled = []
+    with stop_on_signals(signalled):
+        try:
+            runtime.setup()
+            return fused[1](args) if grid else run(args)
+        except UsageError as e:
+            fail(str(e))
+        except StorageError as e:
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {e}\n")
+            sys.exit(1)
+        except Interrupted as e:
+            print(e)
+            if signalled:  # a scheduler's signal, not --stop_after_steps: the job is not done
+                sys.exit(STOPPED_BY_SIGNAL)
+        finally:
+            runtime.teardown()
+
+
+STOPPED_BY_SIGNAL = 75  # EX_TEMPFAIL: saved and stopped by SIGTERM / SIGUSR2; rerun the command to resume
+STOP_SIGNALS = ("SIGTERM", "SIGUSR2")
+
+
+@contextlib.contextmanager
+def stop_on_signals(signalled: list):
+    """SIGTERM (SLURM's time limit, scancel) and SIGUSR2 (preemption) ask the loop to save at the
+    next step boundary and stop; the handlers only set a flag (sitra.train.request_stop)."""
+    def handler(signum, frame):
+        signalled.append(signal.Signals(signum).name)
+        request_stop(True, reason=signal.Signals(signum).name)
+
+    old = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name)
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a job called from a thread): leave them be
+            pass
     try:
-        runtime.setup()
-        return fused[1](args) if grid else run(args)
-    except UsageError as e:
-        fail(str(e))
-    except Interrupted as e:
-        print(e)
+        yield
     finally:
-        runtime.teardown()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        request_stop(False)
 
 
 def fail(message: str):

@@ -12,6 +12,7 @@ The HDF5 file is only ever written whole (a copy renamed into place); while a jo
 go to `<run>.h5.rows`, an append-only journal (RunLog). `status` becomes `complete` only in the
 last write of a job; `incomplete` marks a run whose first steps were lost with an unreadable log.
 """
+import atexit
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ import numpy as np
 
 from sitra import runtime
 from sitra.args import marked
-from sitra.errors import Interrupted, UsageError
+from sitra.errors import Interrupted, StorageError, UsageError
 from sitra.version import __version__
 
 
@@ -60,7 +61,11 @@ def atomic_write(path: Path, write):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before it takes the name: a crash never leaves a torn file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: name the file; the previous one is intact
+        raise StorageError(f"{path}: cannot write ({e.strerror or e}); what was saved before is intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -150,8 +155,9 @@ class RunLog:
     def eval(self, step: int, **numbers):
         self._pending["eval"].append({"step": step, **numbers})
 
-    def flush(self):
-        """Append the buffered rows to the journal: O(rows), durable when it returns."""
+    def flush(self, durable: bool = True):
+        """Append the buffered rows to the journal: O(rows); on disk when it returns if `durable`
+        (before every checkpoint), else left to the OS (after every step: readers see progress)."""
         if not self._started:
             self.start()
         pending, self._pending = self._pending, {"train": [], "eval": []}
@@ -161,8 +167,9 @@ class RunLog:
                         for g, rows in pending.items() for r in rows)
         with open(self.journal, "a") as f:
             f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
 
     def complete(self, final: dict):
         status = "incomplete" if "missing_steps_before" in self._attrs else "complete"
@@ -170,10 +177,15 @@ class RunLog:
                      f"steps before {self._attrs['missing_steps_before']} were lost with an unreadable log")
 
     def fail(self, error: str):
-        if not self._started:
-            self._mark_failed_only(error[-2000:])
-            return
-        self._finish(None, "failed", error[-2000:])
+        """Mark the log failed, keeping its rows; where even that cannot be written (a full disk),
+        the log stays as it was (`running`, never `complete`)."""
+        try:
+            if not self._started:
+                self._mark_failed_only(error[-2000:])
+            else:
+                self._finish(None, "failed", error[-2000:])
+        except (OSError, StorageError) as e:
+            print(f"{self.path}: could not mark the log failed ({e})")
 
     def _finish(self, final, status, error):
         self.flush()
@@ -305,16 +317,32 @@ class Run:
 
 
 def open_run(args, default_name: str) -> Run:
-    """The run's paths; refuses to mix a different configuration into an existing run."""
+    """The run's paths, locked for this process; refuses to mix a different configuration into an
+    existing run, and a run folder outside the storage folder."""
     name = args.run_name or default_name
     root = Path(args.storage_directory)
+    check_run_name(name, root)
     run = Run(name, root / "checkpoints" / name, root / "eval_results" / f"{name}.h5", config_dict(args),
               marked(args, "not_part_of_run"), marked(args, "teacher_source"))
     saved = run.checkpoint_dir / "args.json"
+    if runtime.is_main():
+        try:
+            run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            run.log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--storage_directory {root}: cannot write there ({e.strerror})") from None
+        lock_run(run.checkpoint_dir)
+        remove_stale_temporaries(run)
     if args.overwrite:
         if runtime.is_main():
-            shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+            if any(p.name != LOCK for p in run.checkpoint_dir.iterdir()) and not saved.exists():
+                raise UsageError(f"--overwrite: {run.checkpoint_dir} is not a sitra run folder (no args.json); "
+                                 "sitra never deletes what it did not make")
+            for p in run.checkpoint_dir.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             run.log_path.unlink(missing_ok=True)
+            journal_path(run.log_path).unlink(missing_ok=True)
         runtime.barrier()
     elif saved.exists():
         differ = diff_configs(json.loads(saved.read_text()), run.config, run.not_part_of_run)
@@ -325,11 +353,92 @@ def open_run(args, default_name: str) -> Run:
             )
     try:
         run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        run.log_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--storage_directory {root}: cannot write there ({e.strerror})") from None
     atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(run.config, indent=1, sort_keys=True)))
     return run
+
+
+def check_run_name(name: str, root: Path, flag: str = "--run_name"):
+    """A run name is a relative path that stays inside the storage folder's checkpoints/."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UsageError(f"{flag} {name}: must be a relative name inside {root / 'checkpoints'} (no '..', not absolute)")
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+
+LOCK = ".lock"
+_held: set[Path] = set()
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _stale(holder: dict) -> bool:
+    """A lock whose holder is gone: a dead process on this host, or an earlier attempt of this same
+    SLURM task (a requeue). A live process, or any process on another host, holds it."""
+    if holder.get("job_id") and holder.get("job_id") == job_id():
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    if holder.get("pid") == os.getpid():
+        return True  # this process opened the run before (a job run twice in one process)
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
+def lock_run(folder: Path):
+    """Take the run folder's lock file (created with O_EXCL, which shared file systems honour),
+    holding host, pid, SLURM job and start time; refuse in one line while another process holds it.
+    It is removed when this process exits."""
+    path = Path(folder) / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}  # being written this instant, or cut short: look again
+                time.sleep(0.2)
+                if path.exists() and time.time() - path.stat().st_mtime < 5:
+                    continue
+            if holder and not _stale(holder):
+                raise UsageError(f"{folder}: in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                                 f"{holder.get('started_at')}" + (f" (SLURM job {holder['job_id']})" if holder.get("job_id") else "")
+                                 + f"; one process writes a run at a time (if it is gone, delete {path})")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(_holder()))
+        _held.add(path)
+        return
+    raise UsageError(f"{folder}: could not take its lock {path}")
+
+
+def release_locks():
+    for path in list(_held):
+        path.unlink(missing_ok=True)
+        _held.discard(path)
+
+
+atexit.register(release_locks)
+
+
+def remove_stale_temporaries(run: Run):
+    """Temporary files of saves cut short by a kill (`.NAME.tmp<pid>`): with the lock held, no one
+    else is writing them."""
+    for folder, prefix in ((run.checkpoint_dir, "."), (run.log_path.parent, f".{run.log_path.name}")):
+        for p in folder.glob(f"{prefix}*.tmp*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def diff_configs(old: dict, new: dict, ignore=frozenset()) -> str:

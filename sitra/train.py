@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import threading
 import time
 from contextlib import ExitStack, nullcontext
@@ -88,9 +89,13 @@ def check_train_args(args: TrainArgs):
 _stop_requested = threading.Event()
 
 
-def request_stop(stop: bool = True):
+_stop_reason = {"why": ""}
+
+
+def request_stop(stop: bool = True, reason: str = ""):
     """Ask the running loop to save and stop after the current step (safe in a signal handler);
-    request_stop(False) withdraws the request."""
+    request_stop(False) withdraws the request. `reason` (e.g. SIGTERM) goes into the message."""
+    _stop_reason["why"] = reason if stop else ""
     _stop_requested.set() if stop else _stop_requested.clear()
 
 
@@ -217,6 +222,7 @@ class Student:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         folder = self.run.checkpoint_dir
         self.latest, self.next, self.best_path = folder / "latest.pt", folder / "latest.next.pt", folder / "best.safetensors"
+        self.previous = folder / "previous.pt"  # the checkpoint before latest.pt, kept until the next one is on disk
         self.progress = Progress()
         self.rng = random_stream(args.seed, self.run.student_config, runtime.rank())
         self.sums, self.lr, self.grad_norm = {}, None, None  # of the step being taken
@@ -229,7 +235,7 @@ class Student:
         if not self.latest.exists():
             self.log.start()
             return
-        ckpt = torch.load(self.latest, map_location=device, weights_only=False)
+        ckpt = self._read_checkpoint(device)
         if len(ckpt["rng"]) != runtime.world_size():
             raise UsageError(f"{self.latest} was written by {len(ckpt['rng'])} processes and this run has "
                              f"{runtime.world_size()}: resume with as many processes, or pass --overwrite")
@@ -241,6 +247,28 @@ class Student:
         self.rng = ckpt["rng"][runtime.rank()]
         self.log.start(resume_step=self.progress.step)
         print(f"resuming {self.run.name} from step {self.progress.step} of {total}")
+
+    def _read_checkpoint(self, device) -> dict:
+        """latest.pt, or previous.pt where latest.pt cannot be read (said in one line and in the log).
+        Checkpoints hold tensors and plain data only and load with weights_only: reading one runs no code."""
+        for path in (self.latest, self.previous):
+            try:
+                ckpt = torch.load(path, map_location=device, weights_only=True)
+                if not isinstance(ckpt, dict) or not {"model", "optimizer", "progress", "rng"} <= set(ckpt):
+                    raise ValueError("not a sitra checkpoint")
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # truncated, corrupt, or holding objects that are not plain data
+                reason = ("holds objects that are not plain data, which sitra never unpickles" if isinstance(e, pickle.UnpicklingError)
+                          else (str(e).strip().splitlines() or [type(e).__name__])[0][:160])
+                if path == self.latest and self.previous.exists():
+                    print(f"{path}: unreadable ({reason}); resuming from {self.previous}")
+                    self.log.note(resumed_from_previous=f"{path}: {reason}")
+                    continue
+                raise UsageError(f"{path}: unreadable checkpoint ({reason}); nothing was deleted: restore it, or "
+                                 "pass --overwrite to start the run over") from None
+            return ckpt
+        raise UsageError(f"{self.latest}: unreadable and no earlier checkpoint to resume from; pass --overwrite to start over")
 
     def save(self, path, at: Progress, rngs: list):
         """Write the checkpoint at data position `at` to `path` (rank 0); rngs: this student's
@@ -286,6 +314,7 @@ class Student:
     def log_step(self, step: int, means: dict, grad_norm: float, tokens_per_s: float, tokens_per_s_total: float):
         self.log.train(step, lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                        tokens_per_s_total=tokens_per_s_total, **means)
+        self.log.flush(durable=False)  # one appended line: a running job's log shows every step
         self.sums = {}
 
     # -- evaluation and the end
@@ -321,13 +350,27 @@ def _settle_checkpoints(students):
     pending = [s for s in students if s.next.exists()]
     if not pending or not runtime.is_main():
         return
-    step = torch.load(pending[0].next, map_location="cpu", weights_only=False)["progress"]["step"]
-    def at_step(s):
-        f = s.next if s.next.exists() else s.latest
-        return f.exists() and torch.load(f, map_location="cpu", weights_only=False)["progress"]["step"] == step
-    complete = all(at_step(s) for s in students)
+
+    def step_of(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["progress"]["step"]
+        except Exception:  # unreadable: never the step the others are at
+            return None
+
+    step = step_of(pending[0].next)
+    complete = step is not None and all(step_of(s.next if s.next.exists() else s.latest) == step for s in students)
     for s in pending:
-        os.replace(s.next, s.latest) if complete else s.next.unlink()
+        if complete:
+            _commit(s)
+        else:
+            s.next.unlink()
+
+
+def _commit(s: Student):
+    """latest.pt becomes previous.pt, latest.next.pt becomes latest.pt."""
+    if s.latest.exists():
+        os.replace(s.latest, s.previous)
+    os.replace(s.next, s.latest)
 
 
 def _start_together(students: list[Student], args: TrainArgs, device, total: int) -> Progress:
@@ -358,7 +401,7 @@ def _save_together(students: list[Student], at: Progress):
     for i, s in enumerate(students):
         s.save(s.next, at, [r[i] for r in rngs])
     for s in students:  # every student's checkpoint is written: now they all move on together
-        os.replace(s.next, s.latest)
+        _commit(s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +471,8 @@ def _evaluate(students: list[Student], evaluate_all, autocast, step: int, bar):
 def _stop(students: list[Student], at: Progress, total: int, bar):
     _save_together(students, at)
     bar.close()
-    raise Interrupted(f"stopped at step {at.step} of {total}; rerun the same command to resume")
+    why = f" by {_stop_reason['why']}" if _stop_requested.is_set() and _stop_reason["why"] else ""
+    raise Interrupted(f"stopped at step {at.step} of {total}{why}; rerun the same command to resume")
 
 
 def train(model, batches, step_loss, args: TrainArgs, run, log, evaluate=None, select: str = "eval_loss"):

@@ -102,7 +102,7 @@ def _checkpoint(path, step):
 class _S:  # what _settle_checkpoints reads of a trainee's state
     def __init__(self, folder):
         folder.mkdir()
-        self.latest, self.next = folder / "latest.pt", folder / "latest.next.pt"
+        self.latest, self.next, self.previous = folder / "latest.pt", folder / "latest.next.pt", folder / "previous.pt"
 
 
 @pytest.mark.parametrize("written, renamed, outcome", [
@@ -131,6 +131,8 @@ def test_expand_argv_grid():
     assert expand_argv(["--block", "3", "--lr", "1,2"], ("block",)) is None
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_job_script_fuses_comma_lists(tiny_teacher, text_files, tmp_path):
     values = common(tiny_teacher, text_files, tmp_path, max_steps=2, eval_steps=2)
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "retrain_single_block.py"), "--block", "1,2",
@@ -147,6 +149,8 @@ def test_job_script_fuses_comma_lists(tiny_teacher, text_files, tmp_path):
     (["--block", "1,2", "--block_heads", "2,4", "--max_memory_gb", "0.0001"], "--max_memory_gb 0.0001: the 4 fused students need about"),
     (["--block", "1,9", "--block_heads", "2"], "--block 9: the teacher has 4 layers, allowed 0-3"),
 ])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_fused_runs_are_one_line_errors(tiny_teacher, text_files, tmp_path, argv, message):
     values = common(tiny_teacher, text_files, tmp_path)
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "retrain_single_block.py"), *argv,
@@ -156,6 +160,8 @@ def test_bad_fused_runs_are_one_line_errors(tiny_teacher, text_files, tmp_path, 
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_launcher_groups_students_into_fused_tasks(tiny_teacher, text_files, tmp_path):
     flags = common(tiny_teacher, text_files, tmp_path, max_steps=3, eval_steps=3)
     flags.pop("storage_directory")
