@@ -9,12 +9,13 @@ Jobs subclass the groups they use (one level deep); checks of a group's values l
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from sitra.errors import UsageError
 from sitra.presets import PRESETS
 
-SITRA_METADATA = ("not_part_of_run", "teacher_source")
+SITRA_METADATA = ("not_part_of_run", "teacher_source", "bounds")
 
 
 def marked(args, key: str) -> frozenset[str]:
@@ -93,7 +94,7 @@ class KDArgs:
                 raise UsageError(f"--alpha {a}: the old name of --kd_weight / --ce_weight; give one or the other")
             if meaning in ("ce", "kd") and not 0 <= a <= 1:
                 raise UsageError(f"--alpha {a}: must be in [0, 1]")
-            if meaning == "ce_added" and a < 0:
+            if meaning == "ce_added" and not a >= 0:
                 raise UsageError(f"--alpha {a}: must be 0 or more")
             self.kd_weight, self.ce_weight = {"ce": (1 - a, a), "kd": (a, 1 - a), "ce_added": (1.0, a)}[meaning]
             _notice(type(self), f"--alpha {a:g} is the old name: this job reads it as --kd_weight {self.kd_weight:g} "
@@ -205,3 +206,64 @@ def check_student_block(args: StudentBlockArgs, config, needs_successor: bool = 
     if not 0 <= args.block_dropout < 1:
         raise UsageError(f"--block_dropout {args.block_dropout}: must be in [0, 1)")
     return student_shape(config.hidden_size, args.block_heads, args.block_d_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-value checks every job gets from the parser, before anything loads or is written.
+# A flag name means the same in every job, so its bounds are written once, here. Every number
+# is 0 or more unless its bounds say otherwise; min/max are inclusive, above/below exclusive.
+
+FLAG_BOUNDS = {
+    **dict.fromkeys(["batch_size", "epochs", "gradient_accumulation_steps", "block_heads", "block_d_k", "chunk_size",
+                     "cpus_per_task", "array_parallelism", "generation_batch_size", "hidden_size", "num_attention_heads",
+                     "num_hidden_layers", "length_group_size", "loss_chunks", "max_new_tokens", "max_seq_length",
+                     "max_length", "max_prompt_length", "max_summary_length", "nodes", "num_shards", "passes",
+                     "relation_heads", "eval_stride", "stride", "student_layers", "tasks_per_node", "top_k",
+                     "intermediate_size", "bucket_sizes"], {"min": 1}),
+    **dict.fromkeys(["lr", "temperature", "sampling_temperature", "adam_epsilon", "target_sum",
+                     "save_checkpoint_every"], {"above": 0}),
+    **dict.fromkeys(["percentage_data", "train_fraction"], {"above": 0, "max": 1}),
+    **dict.fromkeys(["mlm_probability", "validation_fraction"], {"above": 0, "below": 1}),
+    **dict.fromkeys(["jsd_beta", "on_policy_fraction"], {"max": 1}),
+    **dict.fromkeys(["adam_beta1", "adam_beta2", "block_dropout"], {"below": 1}),
+}
+DEVICES = "auto, cpu, cuda or cuda:N"
+# flags that name a local file or folder that must exist (model flags may also be hub ids: not here)
+FLAG_PATHS = {**dict.fromkeys(["train_file", "eval_file", "validation_file", "test_file", "lambada_file", "h5ad",
+                               "token_dictionary", "gene_median_dictionary", "log"], "file"),
+              **dict.fromkeys(["dataset_dir", "data", "sweep_dir", "model_dir", "checkpoints"], "folder")}
+
+
+def check_values(args):
+    """One-line errors for plain values out of their flag's range (and --device), for any job."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.name == "device" and isinstance(value, str):
+            kind, _, index = value.partition(":")
+            if value != "auto" and kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+                raise UsageError(f"--device {value}: choose {DEVICES}")
+        kind = FLAG_PATHS.get(f.name)
+        for text in (value if isinstance(value, list) else [value]) if kind else []:
+            if isinstance(text, str) and text and not (Path(text).is_file() if kind == "file" else Path(text).is_dir()):
+                raise UsageError(f"--{f.name} {text}: no such {kind}")
+        bounds = f.metadata.get("bounds", FLAG_BOUNDS.get(f.name, {}))
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            flag = f"--{f.name} {x}"
+            if x != x:
+                raise UsageError(f"{flag}: not a number")
+            lo, above, hi, below = bounds.get("min", 0), bounds.get("above"), bounds.get("max"), bounds.get("below")
+            if (above is not None and not x > above) or x < lo or (hi is not None and x > hi) or (below is not None and not x < below):
+                raise UsageError(f"{flag}: must be {_allowed(lo, above, hi, below)}")
+
+
+def _allowed(lo, above, hi, below) -> str:
+    """The range in words, e.g. 'in (0, 1]', 'positive', 'at least 1', '0 or more'."""
+    if hi is not None or below is not None:
+        start = f"({above}" if above is not None else f"[{lo}"
+        end = f"{hi}]" if hi is not None else f"{below})"
+        return f"in {start}, {end}"
+    if above is not None:
+        return "positive" if above == 0 else f"more than {above}"
+    return f"at least {lo}" if lo else "0 or more"

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from sitra import fuse, runtime
-from sitra.args import SITRA_METADATA
+from sitra.args import SITRA_METADATA, check_values
 from sitra.errors import Interrupted, StorageError, UsageError
 from sitra.presets import PRESETS
 from sitra.train import request_stop
@@ -51,7 +51,9 @@ def parse(args_class, argv=None, positional: str | None = None):
         )
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return apply_preset(args, typed_fields(parser, argv))
+        args = apply_preset(args, typed_fields(parser, argv))
+        check_values(args)
+        return args
     except UsageError as e:
         fail(str(e))
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import submitit
 
 from sitra import runtime
-from sitra.args import marked
+from sitra.args import check_values, marked
 from sitra.cli import OneLineParser, apply_preset, fail, typed_fields
 from sitra.errors import Interrupted, UsageError
 from sitra.recipes import JOBS, job_module
 from sitra.recipes.collect_results import CollectArgs
 from sitra.recipes.collect_results import run as collect
-from sitra.results import RunLog, atomic_write, config_dict, diff_configs
+from sitra.results import RunLog, atomic_write, check_run_name, config_dict, diff_configs
 from sitra.train import request_stop
 
 
@@ -152,6 +152,7 @@ def expand(job: str, job_argv: list[str], axes: dict, largs: LaunchArgs, sweep: 
         if rest:
             raise UsageError(f"unrecognized arguments for {job}: {' '.join(rest)}")
         args = apply_preset(args, typed_fields(parser, argv))
+        check_values(args)
         if hasattr(module, "check"):
             module.check(args)
         tasks.append(Task({k: getattr(args, k) for k in values}, args, name))  # typed, as the job saw them
@@ -252,7 +253,8 @@ def fuse_groups(tasks: list[Task], axes: dict, largs: LaunchArgs, module) -> lis
     return list(groups.values())
 
 
-def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
+def check_cluster(largs: LaunchArgs) -> str:
+    """The cluster to submit to, after checking every launcher flag (before any folder is made)."""
     cluster = largs.cluster or ("slurm" if shutil.which("sbatch") else "local")
     if cluster not in ("slurm", "local", "debug"):
         raise UsageError(f"--cluster {cluster}: choose slurm, local or debug")
@@ -265,6 +267,12 @@ def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
         raise UsageError(f"--nodes {largs.nodes}: several nodes need SLURM (--cluster slurm); on one machine use --tasks_per_node")
     if largs.tasks_per_node > 1 and cluster == "debug":
         raise UsageError("--tasks_per_node: the debug cluster runs one process; use --cluster local or slurm")
+    parse_time(largs.time)
+    return cluster
+
+
+def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
+    cluster = check_cluster(largs)
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     params = dict(name=f"sitra-{job}", timeout_min=parse_time(largs.time), cpus_per_task=largs.cpus_per_task,
                   mem_gb=largs.mem_gb, gpus_per_node=largs.gpus_per_task * largs.tasks_per_node,
@@ -283,13 +291,15 @@ def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
 def launch(job: str, job_argv: list[str], largs: LaunchArgs):
     """Check everything, submit the array, write the sweep manifest; returns (jobs, manifest path)."""
     module = job_module(job)
+    check_cluster(largs)
     axes = sweep_axes(largs, job_args_class(module, job_argv))
     sweep = largs.sweep_name or job
     storage = Path(largs.storage_directory)
+    check_run_name(sweep, storage, "--sweep_name")
     tasks = expand(job, job_argv, axes, largs, sweep)
     refuse_changed_tasks(tasks, storage)
-    check_storage(storage, sweep)
     groups = fuse_groups(tasks, axes, largs, module)
+    check_storage(storage, sweep)  # the sweep's folders are made only once everything is checked
     executor, cluster = make_executor(largs, storage / "slurm_logs" / sweep, job, len(groups))
     jobs = executor.map_array(JobTask(job), [[t.args for t in g] if largs.fuse else g[0].args for g in groups])
     manifest = storage / "eval_results" / sweep / "sweep.json"
@@ -338,12 +348,17 @@ def error_line(text: str) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        OneLineParser(LaunchArgs, prog="python jobs/launch.py JOB", epilog=f"jobs: {', '.join(JOBS)}; the job's own "
+                      "flags follow the launcher's (a comma list sweeps a flag)").print_help()
+        sys.exit(0)
     if not argv or argv[0].startswith("-"):
         fail(f"name the job first: python jobs/launch.py JOB [flags]; jobs: {', '.join(JOBS)}")
     job, rest = argv[0], argv[1:]
     parser = OneLineParser(LaunchArgs)
     largs, job_argv = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True, look_for_args_file=False)
     try:
+        check_values(largs)
         jobs, manifest = launch(job, job_argv, largs)
         cluster = largs.cluster or ("slurm" if shutil.which("sbatch") else "local")
         if largs.wait or cluster == "local":  # local tasks are children of this process

@@ -359,6 +359,22 @@ def open_run(args, default_name: str) -> Run:
     return run
 
 
+def check_results_place(args):
+    """Before an evaluation runs: its --run_name stays inside the storage folder, and its log can
+    be written there (a file or a read-only folder is found now, not after the evaluation)."""
+    root = Path(args.storage_directory)
+    if args.run_name:
+        check_run_name(args.run_name, root)
+    folder = root / "eval_results"
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--storage_directory {root}: cannot write {folder} ({e.strerror or e})") from None
+
+
 def check_run_name(name: str, root: Path, flag: str = "--run_name"):
     """A run name is a relative path that stays inside the storage folder's checkpoints/."""
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:

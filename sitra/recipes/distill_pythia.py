@@ -61,7 +61,7 @@ class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, lowbit.LowBitA
     sampling_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of on-policy sampling"})
 
 
-def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int, flag: str = "--layer_map") -> list[tuple[int, int]]:
     if not text:
         return [(student_layers, teacher_layers)]
     try:
@@ -69,10 +69,10 @@ def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int) 
     except ValueError:
         pairs = []
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise UsageError(f"--layer_map {text}: write student:teacher pairs such as 0:1,2:6")
+        raise UsageError(f"{flag} {text}: write student:teacher pairs such as 0:1,2:6")
     for s, t in pairs:
         if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
-            raise UsageError(f"--layer_map {text}: {s}:{t} is out of range (student 0-{student_layers}, "
+            raise UsageError(f"{flag} {text}: {s}:{t} is out of range (student 0-{student_layers}, "
                              f"teacher 0-{teacher_layers}; 0 is the embeddings)")
     return pairs
 
@@ -128,7 +128,7 @@ def check(args: DistillLMArgs) -> Setup:
     lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
     layer_map = parse_layer_map(args.layer_map, n_student, teacher_config.num_hidden_layers)
     relation_map = parse_layer_map(args.relation_layers or f"{n_student - 1}:{teacher_config.num_hidden_layers - 1}",
-                                   n_student - 1, teacher_config.num_hidden_layers - 1)
+                                   n_student - 1, teacher_config.num_hidden_layers - 1, "--relation_layers")
     heads = args.relation_heads or teacher_config.num_attention_heads
     if args.attention_weight or args.value_weight:
         if heads < 1 or teacher_config.hidden_size % heads:

@@ -38,6 +38,7 @@ def label(path: str) -> str:
 
 def run(args: EvalLMArgs) -> dict:
     check_data_args(args)
+    results.check_results_place(args)
     if not args.models:
         raise UsageError("--models: name at least one causal LM folder")
     if args.lambada_file and not Path(args.lambada_file).is_file():

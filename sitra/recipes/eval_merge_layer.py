@@ -30,6 +30,7 @@ class EvalMergeLayerArgs(TextDataArgs, PlaceArgs):
 
 def run(args: EvalMergeLayerArgs) -> dict:
     check_data_args(args)
+    results.check_results_place(args)
     config = models.load_config(args.teacher)
     check_block(args.block, config.num_hidden_layers, needs_successor=True)
     folder = Path(args.checkpoint) if args.checkpoint else find_merge_run(

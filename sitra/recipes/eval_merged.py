@@ -35,6 +35,7 @@ def label(path: Path) -> str:
 
 def run(args: EvalMergedArgs) -> dict:
     check_data_args(args)
+    results.check_results_place(args)
     folders = [Path(m) for m in args.models] or model_folders(Path(args.storage_directory) / "checkpoints")
     if not folders:
         raise UsageError(f"--models: none given and no model folders under {Path(args.storage_directory) / 'checkpoints'}")

@@ -42,6 +42,7 @@ def check(args: EvalQuickArgs):
 
 def run(args: EvalQuickArgs) -> dict:
     cells = check(args)
+    results.check_results_place(args)
     _, eval_cells, batches = eval_cell_batches(cells, args, args.batch_size, args.seed)
     device = runtime.pick_device(args.device)
     table = evaluate_mlm({"Teacher": models.load_model(args.teacher, device, mlm=True),

@@ -56,6 +56,7 @@ def block_folders(args: EvalArgs) -> list[Path]:
 
 def run(args: EvalArgs) -> dict:
     check_data_args(args)
+    results.check_results_place(args)
     if args.model and (args.checkpoints or args.block_sweep):
         raise UsageError("--model, --checkpoints and --block_sweep: give one")
     blocks = block_folders(args) if args.checkpoints or args.block_sweep else []
