@@ -51,6 +51,12 @@ def job_id() -> str:
     return e.get("SLURM_JOB_ID", e.get("SUBMITIT_LOCAL_JOB_ID", ""))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers see the old or the new file.
     Of several data-parallel processes only rank 0 writes."""
@@ -63,6 +69,7 @@ def atomic_write(path: Path, write):
         write(tmp)
         with open(tmp, "rb") as f:  # on disk before it takes the name: a crash never leaves a torn file
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would (some writers make their files 0600)
         os.replace(tmp, path)
     except OSError as e:  # disk full, quota, permissions: name the file; the previous one is intact
         raise StorageError(f"{path}: cannot write ({e.strerror or e}); what was saved before is intact") from None
@@ -477,7 +484,7 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
         tasks = [(Path(t["run_name"]).name, t["values"]) for t in record["tasks"]]
     else:
         axes, tasks = [], [(p.stem, {}) for p in sorted(sweep_dir.glob("*.h5")) if p.name != "results.h5"]
-    rows, problems, ignore = [], [], set()
+    rows, problems, ignore, jobs = [], [], set(), set()
     for name, values in tasks:
         path = sweep_dir / f"{name}.h5"
         row = {"run_name": name, **values, "status": "missing", "wall_time_s": np.nan, "job_id": ""}
@@ -492,8 +499,9 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
             else:
                 row.update(status=log["attrs"]["status"], wall_time_s=float(log["attrs"].get("wall_time_s", np.nan)),
                            job_id=log["attrs"].get("job_id", ""))
+                jobs.add(log["attrs"].get("job", ""))
                 if not manifest.exists():
-                    row.update({k: v for k, v in log["config"].items()})
+                    row.update({k: v for k, v in log["config"].items() if k != "run_name"})  # the log's name is the row's
                     ignore |= set(json.loads(log["attrs"].get("not_part_of_run", "[]")))
                 if row["status"] == "complete":
                     row.update({k: float(v) for k, v in log["final"].items()})
@@ -501,6 +509,9 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
                     error = log["attrs"].get("error", "").strip().splitlines()
                     problems.append(f"{name}: {row['status']}" + (f" ({error[-1]})" if error else ""))
         rows.append(row)
+    if len(jobs) > 1:
+        raise UsageError(f"--sweep_dir {sweep_dir}: holds the logs of several jobs ({', '.join(sorted(jobs))}); "
+                         "collect one job's logs at a time (one folder each)")
     if not manifest.exists() and rows:  # axes: the arguments that differ between tasks
         keys = [k for k in rows[0] if k not in ("run_name", "status", "wall_time_s", "job_id")]
         axes = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in rows}) > 1 and k not in ignore]

@@ -89,6 +89,7 @@ def test_jobs_refuse_an_output_holding_user_data(job, argv, tmp_path):
     (out / "results.csv").write_text("precious")
     argv = [a.replace("TEACHER", str(tmp_path / "no-teacher")).replace("MODEL", str(tmp_path / "no-model"))
             .replace("H5AD", str(tmp_path / "cells.h5ad")) for a in argv]
+    (tmp_path / "cells.h5ad").write_bytes(b"")  # the parser checks that input paths exist
     if job == "export_ternary":  # its check reads MODEL_DIR's config first: give it a ternary one
         model = tmp_path / "no-model"
         model.mkdir()
@@ -99,3 +100,59 @@ def test_jobs_refuse_an_output_holding_user_data(job, argv, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and f"--output {out}" in lines[0], proc.stderr[-2000:]
     assert (out / "results.csv").read_text() == "precious" and [p.name for p in out.iterdir()] == ["results.csv"]
+
+
+def fake_log(folder, name, job, config):
+    from sitra.results import RunLog
+
+    log = RunLog(folder / f"{name}.h5", job, name, config)
+    log.train(1, loss=1.0)
+    log.complete({"block_mse": 0.5})
+
+
+def test_collect_without_a_manifest_keeps_each_runs_name(tmp_path):
+    from sitra.results import sweep_rows
+
+    for i in range(2):
+        fake_log(tmp_path, f"run{i}", "retrain_single_block", {"block": i, "run_name": None})
+    rows, axes, _ = sweep_rows(tmp_path)
+    assert [r["run_name"] for r in rows] == ["run0", "run1"] and axes == ["block"]
+
+
+def test_collect_refuses_logs_of_several_jobs(tmp_path):
+    from sitra.results import sweep_rows
+
+    fake_log(tmp_path, "a", "retrain_single_block", {"block": 1})
+    fake_log(tmp_path, "b", "retrain_merge", {"block": 1, "init": "first"})
+    with pytest.raises(UsageError, match="several jobs"):
+        sweep_rows(tmp_path)
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from sitra.models.assembly import load_weights
+
+    import torch
+
+    save_file({"w": torch.ones(100)}, str(tmp_path / "best.safetensors"))
+    (tmp_path / "best.safetensors").write_bytes((tmp_path / "best.safetensors").read_bytes()[:60])
+    with pytest.raises(UsageError, match=r"best.safetensors: unreadable weights"):
+        load_weights(tmp_path)
+
+
+def test_files_written_whole_follow_the_umask(tmp_path):
+    import os
+
+    from sitra.results import atomic_write
+
+    def private(tmp):
+        tmp.write_text("x")
+        os.chmod(tmp, 0o600)  # as some writers (safetensors) do
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "best.safetensors", private)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "best.safetensors").stat().st_mode & 0o777 == 0o644

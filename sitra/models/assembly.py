@@ -17,7 +17,11 @@ def load_weights(checkpoint_dir: Path) -> dict:
     path = Path(checkpoint_dir) / "best.safetensors"
     if not path.exists():
         raise UsageError(f"{checkpoint_dir}: no best.safetensors (the run did not finish)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # truncated or not safetensors: name the file
+        raise UsageError(f"{path}: unreadable weights ({type(e).__name__}: {str(e)[:120]}); rerun its job "
+                         "to write it again") from None
 
 
 def save_model_folder(model, tokenizer, output: Path, job: str, own: bool = False, files: dict | None = None):
