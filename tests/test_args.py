@@ -82,6 +82,7 @@ def test_converted_objective_equals_the_old_formula_exactly(meaning, formula):
     assert torch.equal(got, torch.as_tensor(formula(kl, ce, a)))
 
 
+@pytest.mark.subprocess
 def test_alpha_with_the_new_flags_is_one_line_exit_2():
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill_pythia.py"), "--alpha", "0.5", "--ce_weight", "0.2"],
                          capture_output=True, text=True, timeout=120)
@@ -135,6 +136,7 @@ def test_a_typed_flag_beats_the_preset_even_at_its_default(minilm):
     assert dataclasses.replace(typed, lr=preset.lr, block=3) == preset  # every other flag from the preset
 
 
+@pytest.mark.subprocess
 def test_an_unknown_preset_is_one_line_exit_2():
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "build_merged.py"), "--preset", "fast"],
                          capture_output=True, text=True, timeout=120)

@@ -76,6 +76,7 @@ def test_stale_temporary_folders_of_a_killed_save_are_removed(tmp_path):
     assert not stale.exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("job,argv", [
     ("build_merged", ["--teacher", "TEACHER"]),
     ("build_retrained", ["--teacher", "TEACHER"]),

@@ -19,6 +19,7 @@ from sitra.data import python_docs_paragraphs
 from sitra.results import journal_path, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess  # every test runs job scripts (slow tier)
 NAME = "block1_h2_dk8_MSE"
 
 
@@ -136,6 +137,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny_teacher, text_files, 
     assert not (folder(tmp_path) / ".lock").exists()
 
 
+@pytest.mark.kill
 def test_two_writers_at_once_one_refuses_the_log_stays_whole(tiny_teacher, text_files, tmp_path):
     first = subprocess.Popen(command(tiny_teacher, text_files, tmp_path, "--max_steps", "1000000"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -164,6 +166,7 @@ def wait_for_rows(storage, n, proc, timeout=300):
     raise AssertionError("the job logged no steps")
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
 def test_a_signal_saves_at_the_next_step_and_the_rerun_is_bit_exact(tiny_teacher, text_files, tmp_path, sig):
     cut, straight = tmp_path / "cut", tmp_path / "straight"
@@ -219,6 +222,7 @@ def test_leftovers_of_killed_saves_are_removed_on_the_next_start(tiny_teacher, t
     assert not any(p.exists() for p in left)
 
 
+@pytest.mark.kill
 def test_journal_rows_cost_what_they_hold(tiny_teacher, text_files, tmp_path):
     """A flush appends its rows; the HDF5 file is written at the start and the end only."""
     proc = subprocess.Popen(command(tiny_teacher, text_files, tmp_path, "--max_steps", "1000000", "--save_steps", "1"),
