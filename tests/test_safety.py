@@ -15,21 +15,11 @@ import pytest
 import torch
 
 from sitra.cli import STOPPED_BY_SIGNAL
-from sitra.data import python_docs_paragraphs
 from sitra.results import journal_path, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess  # every test runs job scripts (slow tier)
 NAME = "block1_h2_dk8_MSE"
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    paragraphs = python_docs_paragraphs()
-    (d / "train.txt").write_text("\n".join(paragraphs[:160]))
-    (d / "eval.txt").write_text("\n".join(paragraphs[1000:1040]))
-    return d
 
 
 def command(teacher, text_files, storage, *extra):
