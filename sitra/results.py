@@ -14,6 +14,7 @@ last write of a job; `incomplete` marks a run whose first steps were lost with a
 """
 import atexit
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -49,6 +50,17 @@ def job_id() -> str:
     if "SLURM_ARRAY_JOB_ID" in e:
         return f"{e['SLURM_ARRAY_JOB_ID']}_{e.get('SLURM_ARRAY_TASK_ID', '')}"
     return e.get("SLURM_JOB_ID", e.get("SUBMITIT_LOCAL_JOB_ID", ""))
+
+
+def write_h5(path: Path, fill):
+    """An HDF5 file built in memory by fill(h5py.File), then written whole by atomic_write: a
+    failing disk raises an ordinary OSError (named in one line), never an error inside HDF5's own
+    I/O, which can end the process with a segmentation fault."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        fill(f)
+    data = buffer.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _umask() -> int:
@@ -215,18 +227,17 @@ class RunLog:
         attrs = dict(self._attrs, started_at=self._started_at, journal=token,
                      wall_time_s=self._prior_wall + time.time() - self._session_start)
 
-        def write(tmp):
-            with h5py.File(tmp, "w") as f:
-                for group, group_rows in rows.items():
-                    _append_rows(f.require_group(group), group_rows)
-                if final is not None:
-                    g = f.require_group("final")
-                    for k, v in final.items():
-                        g.attrs[k] = v
-                for k, v in attrs.items():
-                    f.attrs[k] = v
+        def fill(f):
+            for group, group_rows in rows.items():
+                _append_rows(f.require_group(group), group_rows)
+            if final is not None:
+                g = f.require_group("final")
+                for k, v in final.items():
+                    g.attrs[k] = v
+            for k, v in attrs.items():
+                f.attrs[k] = v
 
-        atomic_write(self.path, write)
+        write_h5(self.path, fill)
         self.journal.unlink(missing_ok=True)  # its rows are in the file now; a leftover would not match `token`
         with open(self.journal, "w") as f:
             f.write(json.dumps({"journal": token}) + "\n")

@@ -8,7 +8,7 @@ import numpy as np
 
 from sitra.errors import UsageError
 from sitra.evaluate import heatmap
-from sitra.results import atomic_write, sweep_rows
+from sitra.results import atomic_write, sweep_rows, write_h5
 
 
 @dataclass(kw_only=True)
@@ -34,16 +34,15 @@ def run(args: CollectArgs) -> Path:
         raise UsageError(f"--metric {args.metric}: not in the logs; choose from {', '.join(metrics)}")
     stem = Path(args.output) if args.output else sweep_dir / "results"
 
-    def write_h5(tmp):
-        with h5py.File(tmp, "w") as f:
-            f.attrs["axes"] = axes
-            f.attrs["problems"] = problems
-            for c in columns:
-                values = [r.get(c) for r in rows]
-                if all(isinstance(v, (int, float, np.floating)) or v is None for v in values):
-                    f[c] = np.array([np.nan if v is None else v for v in values], dtype="f8")
-                else:
-                    f[c] = np.array(["" if v is None else str(v) for v in values], dtype=h5py.string_dtype())
+    def fill_h5(f):
+        f.attrs["axes"] = axes
+        f.attrs["problems"] = problems
+        for c in columns:
+            values = [r.get(c) for r in rows]
+            if all(isinstance(v, (int, float, np.floating)) or v is None for v in values):
+                f[c] = np.array([np.nan if v is None else v for v in values], dtype="f8")
+            else:
+                f[c] = np.array(["" if v is None else str(v) for v in values], dtype=h5py.string_dtype())
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as fh:
@@ -51,7 +50,7 @@ def run(args: CollectArgs) -> Path:
             w.writeheader()
             w.writerows(rows)
 
-    atomic_write(stem.with_suffix(".h5"), write_h5)
+    write_h5(stem.with_suffix(".h5"), fill_h5)
     atomic_write(stem.with_suffix(".csv"), write_csv)
     table = markdown_table(rows, columns)
     atomic_write(stem.with_suffix(".md"), lambda tmp: tmp.write_text(table + "\n"))
