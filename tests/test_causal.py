@@ -145,6 +145,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("flags,message", BAD, ids=[m for _, m in BAD])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_input_is_one_line_exit_2(lms, tmp_path, flags, message):
     d = lms["dir"]
     base = ["--teacher", lms["teacher"], "--student", lms["student"], "--train_file", str(d / "train.txt"),

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +85,8 @@ def weights(storage, file="best.safetensors"):
     return load_file(str(path)) if file.endswith(".safetensors") else torch.load(path, weights_only=False)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process_on_the_whole_batch(tiny_teacher, equal_length_text, tmp_path):
     one = tmp_path / "one"
     run(BlockArgs(**flags(tiny_teacher, equal_length_text, one, batch_size=8)))
@@ -111,6 +112,8 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tiny_teacher, equal_
     assert result.stdout.count("effective batch: 4 per process x 2 processes x 2 accumulation = 16") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_stopped_and_resumed_equal_uninterrupted(tiny_teacher, equal_length_text, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert torchrun(flags(tiny_teacher, equal_length_text, straight, block_dropout=0.2)).returncode == 0
@@ -125,6 +128,8 @@ def test_two_processes_stopped_and_resumed_equal_uninterrupted(tiny_teacher, equ
     assert log["train"]["step"].tolist() == list(range(1, 7)) and log["attrs"]["status"] == "complete"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_resuming_with_another_process_count_is_refused(tiny_teacher, equal_length_text, tmp_path):
     values = flags(tiny_teacher, equal_length_text, tmp_path, stop_after_steps=2)
     assert torchrun(values).returncode == 0
@@ -135,21 +140,28 @@ def test_resuming_with_another_process_count_is_refused(tiny_teacher, equal_leng
     assert "written by 2 processes and this run has 1" in result.stderr.strip().splitlines()[-1]
 
 
-def test_a_dying_process_fails_the_job_instead_of_hanging(tiny_teacher, equal_length_text, tmp_path):
-    values = flags(tiny_teacher, equal_length_text, tmp_path, max_steps=100000, eval_steps=100000, save_steps=100000)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.kill
+def test_a_dying_process_fails_the_job_instead_of_hanging(tiny_teacher, equal_length_text, tmp_path, gate):
+    values = flags(tiny_teacher, equal_length_text, tmp_path, max_steps=100000, eval_steps=100000, save_steps=1)
+    # rank 0 (the only writer) is held at its save of step 2 while rank 1 trains on into the
+    # next all-reduce and waits there for it; then rank 0 dies: training provably under way
+    held = gate(2)
     cmd_log = tmp_path / "out.txt"
     with open(cmd_log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              str(ROOT / "jobs" / "retrain_single_block.py"), *[f"--{k}={v}" for k, v in values.items()]],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        log = tmp_path / "eval_results" / f"{NAME}.h5"
-        deadline = time.time() + 120
-        while not log.exists() and time.time() < deadline:  # training has started
-            time.sleep(0.5)
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=held.env())
+        try:
+            rank0 = held.wait_paused(running=lambda: proc.poll() is None)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(workers) == 2
-        os.kill(int(workers[-1]), signal.SIGKILL)
+        assert len(workers) == 2 and str(rank0) in workers
+        os.kill(rank0, signal.SIGKILL)
         try:
             code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -160,6 +172,8 @@ def test_a_dying_process_fails_the_job_instead_of_hanging(tiny_teacher, equal_le
     assert "Signal 9 (SIGKILL)" in text or "SIGKILL" in text, text[-2000:]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_world_size_without_rendezvous_is_one_line(tiny_teacher, equal_length_text, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE="2", RANK="0")
@@ -173,6 +187,9 @@ def test_world_size_without_rendezvous_is_one_line(tiny_teacher, equal_length_te
     assert not (tmp_path / "checkpoints").exists()  # before any compute
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_srun_starts_the_processes(tiny_teacher, equal_length_text, tmp_path):
     """Plain `srun -n 2 python jobs/...` (no torchrun): the rendezvous comes from SLURM's variables."""
     from test_launch import slurm_ready
@@ -193,6 +210,8 @@ def test_srun_starts_the_processes(tiny_teacher, equal_length_text, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("job, extra", [
     ("train_block_till_end", {"alpha": 0.5}),
     ("retrain_merge", {"intermediate_size": 48}),

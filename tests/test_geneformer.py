@@ -552,6 +552,8 @@ def test_init_from_teacher_copies_every_kth_layer(tmp_path, corpus):
         distill_geneformer.run(distill_args(wide, corpus, tmp_path, init_from_teacher=True, hidden_size=32))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_student_shape_is_a_one_line_error(tmp_path, teacher, corpus):
     with pytest.raises(UsageError, match="--hidden_size 18 is not a multiple of --num_attention_heads 4"):
         distill_geneformer.run(distill_args(teacher, corpus, tmp_path, hidden_size=18))

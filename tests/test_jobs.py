@@ -162,6 +162,8 @@ def test_unreadable_data_file(tiny_teacher, tmp_path, capsys):
     ("eval_retrained.py", ["--teacher", "TEACHER", "--model", "/no/such/model"], "--model /no/such/model: no such model folder"),
     ("build_retrained.py", ["--teacher", "TEACHER", "--checkpoints", "/no/such/run"], "--checkpoints /no/such/run: no such folder"),
 ])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_job_scripts_exit_2_with_one_line(tiny_teacher, tmp_path, script, flags, message):
     flags = [tiny_teacher if f == "TEACHER" else f for f in flags]
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *flags, "--storage_directory", str(tmp_path)],
@@ -171,6 +173,8 @@ def test_job_scripts_exit_2_with_one_line(tiny_teacher, tmp_path, script, flags,
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.quickstart
 def test_wikitext_block_retraining_on_minilm(minilm, wikitext, tmp_path):
     """The real pretrained teacher on the shared WikiText-2 text: the held-out block MSE falls."""
     args = BlockArgs(teacher=minilm, train_file=str(wikitext / "valid.txt"), eval_file=str(wikitext / "test.txt"),
@@ -182,6 +186,8 @@ def test_wikitext_block_retraining_on_minilm(minilm, wikitext, tmp_path):
     assert evals["block_cosine"][-1] > evals["block_cosine"][0]
 
 
+@pytest.mark.slow
+@pytest.mark.quickstart
 def test_quickstart_commands(minilm, tmp_path):
     """README's quickstart chain, shortened with --max_steps, through the real job scripts."""
     common = ["--preset", "quickstart", "--storage_directory", str(tmp_path)]

@@ -26,7 +26,9 @@ def slurm_ready() -> bool:
 
 
 needs_slurm = pytest.mark.skipif(not slurm_ready(), reason="no running SLURM cluster (.ci/slurm-cluster start)")
-CLUSTERS = [pytest.param("slurm", marks=needs_slurm), "local"]
+# the local cluster runs each task as a process of its own (submitit's local executor)
+CLUSTERS = [pytest.param("slurm", marks=[needs_slurm, pytest.mark.slurm, pytest.mark.slow]),
+            pytest.param("local", marks=[pytest.mark.multiprocess, pytest.mark.slow])]
 
 
 def job_flags(teacher, text_files, **kw):
@@ -84,30 +86,26 @@ def test_a_raising_task_is_reported_failed(tiny_teacher, text_files, tmp_path, c
     assert "not merged: train_file" in out and "failed" in out and "training text is empty" in out
 
 
-def wait_for_step(latest: Path, step: int, timeout: float = 180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if latest.exists() and torch.load(latest, weights_only=False)["progress"]["step"] >= step:
-                return
-        except (EOFError, RuntimeError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{latest} never reached step {step}")
-
-
 def task_id(job) -> str:
     return job.job_id  # ARRAYJOBID_TASKID for arrays, JOBID otherwise
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.kill
 @needs_slurm
 @pytest.mark.parametrize("how", ["scontrol requeue", "USR2 preemption"])
-def test_requeued_task_resumes_to_the_same_parameters(tiny_teacher, text_files, tmp_path, how):
-    flags = job_flags(tiny_teacher, text_files, block=1, max_steps=400, save_steps=1, eval_steps=100)
+def test_requeued_task_resumes_to_the_same_parameters(tiny_teacher, text_files, tmp_path, how, gate):
+    flags = job_flags(tiny_teacher, text_files, block=1, max_steps=60, save_steps=1, eval_steps=20)
+    # the interrupted task's first attempt is held at its save of step 31 (latest.pt: step 30)
+    # until the requeue kills it, or until the USR2 reached the job's handler: provably mid-run,
+    # however fast the machine (its rerun passes the gate)
+    held = gate(31, release_on="USR2" if how == "USR2 preemption" else None)
     straight, _ = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep_name="straight"))
-    interrupted, _ = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep_name="interrupted"))
+    interrupted, _ = launch("retrain_single_block", flags, launch_args(
+        tmp_path, "slurm", sweep_name="interrupted", slurm_setup=[held.slurm_setup()]))
     latest = tmp_path / "checkpoints" / "interrupted" / "task" / "latest.pt"
-    wait_for_step(latest, 30)
+    held.wait_paused(running=lambda: not interrupted[0].done())
     if how == "scontrol requeue":
         subprocess.run(["scontrol", "requeue", task_id(interrupted[0])], check=True)
     else:
@@ -116,23 +114,29 @@ def test_requeued_task_resumes_to_the_same_parameters(tiny_teacher, text_files, 
     out = Path(interrupted[0].paths.stdout).read_text()
     assert "resuming interrupted/task from step" in out
     resumed_at = int(out.split("resuming interrupted/task from step ")[1].split()[0])
-    assert 30 <= resumed_at < 400
+    assert 30 <= resumed_at < 60
     a = torch.load(tmp_path / "checkpoints" / "straight" / "task" / "latest.pt", weights_only=False)
     b = torch.load(latest, weights_only=False)
     assert a["progress"] == b["progress"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     log = read_log(tmp_path / "eval_results" / "interrupted" / "task.h5")
-    assert log["train"]["step"].tolist() == list(range(1, 401))  # continued, nothing repeated
+    assert log["train"]["step"].tolist() == list(range(1, 61))  # continued, nothing repeated
     assert log["attrs"]["status"] == "complete"
     if how == "USR2 preemption":  # saved at the step where the signal arrived, nothing lost
         assert "stopped at step" in out
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.kill
 @needs_slurm
-def test_cancelled_task_leaves_the_others_complete(tiny_teacher, text_files, tmp_path, capsys):
+def test_cancelled_task_leaves_the_others_complete(tiny_teacher, text_files, tmp_path, capsys, gate):
     flags = job_flags(tiny_teacher, text_files, block=1, save_steps=50)
-    jobs, manifest = launch("retrain_single_block", flags, launch_args(tmp_path, "slurm", sweep=[["max_steps=60,20000,61"]]))
-    wait_for_step(tmp_path / "checkpoints" / "retrain_single_block" / "max_steps20000" / "latest.pt", 50)
+    # the long task is held at its save of step 100 (latest.pt: step 50) until it is cancelled
+    held = gate(100, match="max_steps20000")
+    jobs, manifest = launch("retrain_single_block", flags, launch_args(
+        tmp_path, "slurm", sweep=[["max_steps=60,20000,61"]], slurm_setup=[held.slurm_setup()]))
+    held.wait_paused(running=lambda: not jobs[1].done())
     subprocess.run(["scancel", task_id(jobs[1])], check=True)
     errors = wait(jobs)
     assert not errors[jobs[0].job_id] and not errors[jobs[2].job_id] and errors[jobs[1].job_id]
@@ -195,6 +199,8 @@ def test_collect_reports_corrupt_and_partial_logs(tiny_teacher, text_files, tmp_
         assert not (f["block_mse"][1:] == f["block_mse"][1:]).any()  # NaN: partial logs are not merged
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_block_sweep_then_eval_sweep_like_the_euler_scripts(tiny_teacher, text_files, tmp_path, capsys):
     """.train's sweep, then .eval's matching evaluations (one per block run), merged with heatmaps."""
     flags = job_flags(tiny_teacher, text_files, max_steps=4)  # --block_heads given here is swept below
@@ -216,6 +222,8 @@ def test_block_sweep_then_eval_sweep_like_the_euler_scripts(tiny_teacher, text_f
     assert (manifest.parent / "results_model_mlm_accuracy.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_euler_scripts_run_end_to_end(tiny_teacher, text_files, tmp_path):
     """`bash .train` and `bash .eval` as a user runs them, shrunk by their environment knobs."""
     import os
@@ -232,6 +240,8 @@ def test_euler_scripts_run_end_to_end(tiny_teacher, text_files, tmp_path):
     assert (tmp_path / "eval_results" / "eval_sweep" / "results_model_mlm_accuracy.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("cluster", CLUSTERS)
 def test_two_processes_per_task_train_data_parallel(tiny_teacher, equal_length_text, tmp_path, cluster):
     """--tasks_per_node 2: the task's two processes meet through submitit's environment and end

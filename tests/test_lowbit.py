@@ -310,6 +310,8 @@ def test_bad_input_is_one_line(lms, tmp_path, capsys):
     assert "not a ternary model" in line and "--student_bits 1.58" in line
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_student_bits_from_the_command_line(lms, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "distill_pythia.py"), "--teacher", str(lms / "teacher"),
                           "--student", str(lms / "student"), "--train_file", str(lms / "train.txt"),

@@ -189,6 +189,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("script,flags,message", BAD, ids=[m for _, _, m in BAD])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_input_is_one_line_exit_2(tiny_teacher, tmp_path, script, flags, message):
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / script), "--teacher", tiny_teacher,
                           "--storage_directory", str(tmp_path), *flags], capture_output=True, text=True, timeout=120)

@@ -633,6 +633,8 @@ def test_with_student_blocks_keeps_the_dtype(tiny_teacher):
 # the real MiniLM teacher
 
 
+@pytest.mark.slow
+@pytest.mark.quickstart
 def test_minilm_loads_as_a_frozen_encoder(minilm, minilm_teacher):
     config = load_config(minilm)
     assert config.architectures == ["BertModel"]
@@ -641,12 +643,16 @@ def test_minilm_loads_as_a_frozen_encoder(minilm, minilm_teacher):
     assert_frozen_teacher(minilm_teacher)
 
 
+@pytest.mark.slow
+@pytest.mark.quickstart
 def test_minilm_attention_probs_equal_eager_weights(minilm):
     model = AutoModel.from_pretrained(minilm, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     assert_probs_match_eager(model, padded_batch(tokenizer), [0, 2, 5])
 
 
+@pytest.mark.slow
+@pytest.mark.quickstart
 def test_minilm_with_a_small_block_round_trips_in_a_fresh_process(minilm_teacher, round_trips):
     case = round_trips["minilm"]
     model, b = case["model"], case["batch"]

@@ -8,7 +8,6 @@ import shlex
 import typing
 from pathlib import Path
 
-import pytest
 
 from sitra.launch import LaunchArgs
 from sitra.recipes import JOBS, job_module

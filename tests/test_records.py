@@ -217,6 +217,8 @@ def test_record_teacher_takes_the_flags_of_its_job(lms, tmp_path, capsys):
     assert record_teacher.args_class(["--job", "distill_classifier"]) is record_teacher.RECORD_ARGS["distill_classifier"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_record_teacher_script_prints_bytes_per_token(lms, tmp_path):
     d = lms["dir"]
     out = job("record_teacher.py", "--teacher", lms["teacher"], "--output", str(tmp_path / "rec"), "--train_file",
@@ -250,6 +252,9 @@ def test_launcher_expands_a_shard_sweep(lms, tmp_path, monkeypatch):
     assert records.TeacherRecords(tmp_path / "rec").positions() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_launcher_array_over_shards(lms, tmp_path):
     """One array task a shard, on the SLURM cluster where it runs (else locally): together they
     are the records one task makes."""

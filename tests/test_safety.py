@@ -130,7 +130,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny_teacher, text_files, 
 @pytest.mark.kill
 def test_two_writers_at_once_one_refuses_the_log_stays_whole(tiny_teacher, text_files, tmp_path):
     first = subprocess.Popen(command(tiny_teacher, text_files, tmp_path, "--max_steps", "1000000"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a pipe nobody reads could fill
     try:
         wait_for_rows(tmp_path, 2, first)
         line = one_line_error(job(tiny_teacher, text_files, tmp_path, "--max_steps", "1000000"))
@@ -146,7 +146,7 @@ def wait_for_rows(storage, n, proc, timeout=300):
     """Until the running job has logged n training steps (it runs a million: no race with its end)."""
     start = time.time()
     while time.time() - start < timeout:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, f"the job ended early (exit {proc.returncode})"
         try:
             if len(read_log(log_path(storage))["train"].get("step", [])) >= n:
                 return
@@ -160,11 +160,14 @@ def wait_for_rows(storage, n, proc, timeout=300):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
 def test_a_signal_saves_at_the_next_step_and_the_rerun_is_bit_exact(tiny_teacher, text_files, tmp_path, sig):
     cut, straight = tmp_path / "cut", tmp_path / "straight"
-    proc = subprocess.Popen(command(tiny_teacher, text_files, cut, "--max_steps", "1000000", "--save_steps", "1000000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_rows(cut, 3, proc)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
+    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_file, "w") as out, open(err_file, "w") as err:  # files, not pipes: they never fill up
+        proc = subprocess.Popen(command(tiny_teacher, text_files, cut, "--max_steps", "1000000", "--save_steps", "1000000"),
+                                stdout=out, stderr=err)
+        wait_for_rows(cut, 3, proc)
+        proc.send_signal(sig)
+        proc.wait(timeout=300)
+    out, err = out_file.read_text(), err_file.read_text()
     assert proc.returncode == STOPPED_BY_SIGNAL, err[-3000:]
     stopped = torch.load(folder(cut) / "latest.pt", weights_only=True)["progress"]["step"]
     assert stopped >= 3 and f"stopped at step {stopped} of 1000000 by {sig.name}" in out
@@ -216,7 +219,7 @@ def test_leftovers_of_killed_saves_are_removed_on_the_next_start(tiny_teacher, t
 def test_journal_rows_cost_what_they_hold(tiny_teacher, text_files, tmp_path):
     """A flush appends its rows; the HDF5 file is written at the start and the end only."""
     proc = subprocess.Popen(command(tiny_teacher, text_files, tmp_path, "--max_steps", "1000000", "--save_steps", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_rows(tmp_path, 3, proc)
         mtime = log_path(tmp_path).stat().st_mtime_ns

@@ -451,6 +451,8 @@ def test_bad_input_is_one_line_exit_2(sst, lms, tmp_path, capsys, case):
     assert not (tmp_path / "checkpoints").exists()  # refused before any run folder was made
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bad_input_from_the_command_line(sst, lms, tmp_path):
     """The same through the job script in a fresh process: nothing else reaches stderr."""
     job, flags, message = bad_cases(sst, lms, tmp_path)["label counts"]

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -84,28 +83,29 @@ def test_resume_across_epochs_with_accumulation(tiny_teacher, text_files, tmp_pa
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
-def test_killed_process_resumes_to_the_same_parameters(tiny_teacher, text_files, tmp_path):
+@pytest.mark.slow
+@pytest.mark.kill
+def test_killed_process_resumes_to_the_same_parameters(tiny_teacher, text_files, tmp_path, gate):
     """SIGKILL a real job while it trains; rerunning the same command finishes it identically."""
     flags = ["--teacher", tiny_teacher, "--train_file", str(text_files / "train.txt"), "--eval_file",
              str(text_files / "eval.txt"), "--block", "1", "--block_heads", "2", "--block_d_k", "8",
-             "--block_dropout", "0.2", "--max_seq_length", "32", "--batch_size", "8", "--max_steps", "60",
-             "--save_steps", "1", "--eval_steps", "20", "--lr", "3e-3", "--device", "cpu"]
+             "--block_dropout", "0.2", "--max_seq_length", "32", "--batch_size", "8", "--max_steps", "12",
+             "--save_steps", "1", "--eval_steps", "4", "--lr", "3e-3", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "jobs" / "retrain_single_block.py"), *flags]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*cmd, "--storage_directory", str(straight)], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([*cmd, "--storage_directory", str(killed)], env=env,
+    # held at its save of step 6 (step 6 trained and logged, latest.pt still at step 5, an
+    # evaluation behind it) and killed there: mid-run however fast the machine
+    held = gate(6)
+    proc = subprocess.Popen([*cmd, "--storage_directory", str(killed)], env=held.env(env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "checkpoints" / "block1_h2_dk8_MSE" / "latest.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and torch.load(latest, weights_only=False)["progress"]["step"] >= 5:
-            break
-        time.sleep(0.05)
+    assert held.wait_paused(running=lambda: proc.poll() is None) == proc.pid
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step_at_kill = torch.load(latest, weights_only=False)["progress"]["step"]
-    assert 5 <= step_at_kill < 60, "the job finished before it could be killed"
+    assert 5 <= step_at_kill < 12, "the job finished before it could be killed"
     assert read_log(killed / "eval_results" / "block1_h2_dk8_MSE.h5")["attrs"]["status"] == "running"
     out = subprocess.run([*cmd, "--storage_directory", str(killed)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
