@@ -157,3 +157,52 @@ def test_files_written_whole_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "best.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_block_runs_leave_merge_runs_out(tmp_path):
+    """build_retrained over a checkpoints/ that also holds merge runs (the README's workflow)."""
+    import json
+
+    from sitra.models.assembly import block_runs
+
+    for name, extra in (("block1", {}), ("merge0", {"init": "first"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "args.json").write_text(json.dumps({"teacher": "T", "block": 1, "block_heads": 2, **extra}))
+        (folder / "best.safetensors").write_bytes(b"x")
+    assert block_runs(tmp_path, "T") == [tmp_path / "block1"]
+
+
+def test_relation_layers_errors_name_that_flag():
+    from sitra.recipes.distill_pythia import parse_layer_map
+
+    with pytest.raises(UsageError, match=r"^--relation_layers abc: "):
+        parse_layer_map("abc", 2, 4, "--relation_layers")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--time", "soon"], "--time soon"),
+    (["--cluster", "moon"], "--cluster moon"),
+    (["--nodes", "2", "--cluster", "local"], "--nodes 2"),
+    (["--sweep_name", "../../x"], "--sweep_name ../../x"),
+    (["--mem_gb", "-1"], "--mem_gb -1"),
+])
+def test_launcher_flags_are_checked_before_any_folder(tmp_path, monkeypatch, capsys, flags, message):
+    from sitra import launch
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["retrain_single_block", "--storage_directory", str(tmp_path / "store"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "store").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_launch_help_lists_its_flags_and_the_jobs(capsys):
+    from sitra import launch
+    from sitra.recipes import JOBS
+
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "--array_parallelism" in out and all(job in out for job in JOBS)
