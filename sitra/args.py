@@ -154,6 +154,31 @@ def _notice(job, line: str):
         print(line, file=sys.stderr)
 
 
+STUDENT_INITS = {
+    "pretrained": "--student's weights",
+    "config": "random weights of --student's config",
+    "auto": "pretrained, or config where --student has no weights",
+    "teacher_layers": "every k-th layer of the teacher (as DistilBERT)",
+    "random": "the teacher's config with --student_layers layers, random weights",
+}
+
+
+def student_init_field(default: str, *allowed: str):
+    """A job's --student_init: the starts it can build, with the group's words for them."""
+    return field(default=default, metadata={"help": "; ".join(f"{k}: {STUDENT_INITS[k]}" for k in allowed)})
+
+
+@dataclass(kw_only=True)
+class StudentInitArgs:
+    """Where a distilled student starts. A job redeclares `student_init` with student_init_field
+    (the starts it can build) and `student` where it has a default student."""
+    student: str | None = field(default=None, metadata={
+        "help": "the model the student starts from: a folder or hub id (pretrained, config and auto starts)"})
+    student_init: str = student_init_field("pretrained", "pretrained", "teacher_layers")
+    student_layers: int | None = field(default=None, metadata={
+        "help": "layers of a student made from the teacher (teacher_layers, random; default: half the teacher's)"})
+
+
 SAMPLINGS = ("top_k", "random")  # what teacher records hold (sitra.records)
 
 

@@ -3,6 +3,7 @@ each job read it before), presets applied once in the parser (a typed flag alway
 the objective checks written once."""
 import dataclasses
 import subprocess
+import typing
 import sys
 from pathlib import Path
 
@@ -148,3 +149,19 @@ def test_an_unknown_preset_is_one_line_exit_2():
                          capture_output=True, text=True, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "--preset fast: unknown; choose from quickstart" in lines[0]
+
+
+@pytest.mark.parametrize("job", ["distill_pythia", "distill_classifier", "distill_summarizer"])
+def test_students_start_from_one_shared_group(job):
+    """--student, --student_init and --student_layers mean the same in every job that has them;
+    each job allows only the starts it can build."""
+    from sitra.args import STUDENT_INITS, StudentInitArgs
+
+    args_class = job_module(job).ARGS
+    assert issubclass(args_class, StudentInitArgs)
+    choices = set(typing.get_args(next(f.type for f in dataclasses.fields(args_class) if f.name == "student_init")))
+    assert choices <= set(STUDENT_INITS) and "pretrained" in choices and "teacher_layers" in choices
+    bogus = next(k for k in STUDENT_INITS if k not in choices) if choices != set(STUDENT_INITS) else None
+    if bogus:
+        with pytest.raises(SystemExit):
+            cli.parse(args_class, ["--student_init", bogus])

@@ -13,7 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from sitra import data, losses, models, records, results, runtime
-from sitra.args import KDArgs, RecordsArgs, check_kd
+from sitra.args import (
+    KDArgs,
+    RecordsArgs,
+    StudentInitArgs,
+    check_kd,
+    student_init_field,
+)
 from sitra.cards import data_description, optimiser_line, write_card
 from sitra.data.tasks import (
     ClassifierDataArgs,
@@ -35,15 +41,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 @dataclass(kw_only=True)
-class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
+class DistillClassifierArgs(TrainArgs, ClassifierDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "sequence-classification model folder or hub id (see finetune_classifier); or give --teacher_logits"})
     student: str | None = field(default=None, metadata={
         "help": "pretrained encoder or classifier (its head is new where it has none), or a folder with only config.json"})
-    student_init: Literal["auto", "pretrained", "config", "teacher_layers"] = field(default="auto", metadata={
-        "help": "pretrained: --student's weights; config: random weights of --student's config; teacher_layers: every "
-                "k-th teacher layer; auto: pretrained, or config where --student has no weights"})
-    student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers student (default: half the teacher's)"})
+    student_init: Literal["auto", "pretrained", "config", "teacher_layers"] = student_init_field(
+        "auto", "auto", "pretrained", "config", "teacher_layers")
 
 
 def student_source(args) -> str:

@@ -12,7 +12,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from sitra import data, losses, models, records, results, runtime
-from sitra.args import KDArgs, RecordsArgs, check_kd
+from sitra.args import (
+    KDArgs,
+    RecordsArgs,
+    StudentInitArgs,
+    check_kd,
+    student_init_field,
+)
 from sitra.cli import command_line
 from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
@@ -35,12 +41,10 @@ JOB = "distill_pythia"
 
 
 @dataclass(kw_only=True)
-class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
+class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
     teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id or local folder"})
-    student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "student to warm-start from (--student_init pretrained)"})
-    student_init: Literal["pretrained", "teacher_layers", "random"] = field(default="pretrained", metadata={
-        "help": "pretrained: load --student; teacher_layers: every k-th teacher layer; random: the teacher's config, fewer layers"})
-    student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers or random student (default: half the teacher's)"})
+    student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "the model the student starts from (--student_init pretrained)"})
+    student_init: Literal["pretrained", "teacher_layers", "random"] = student_init_field("pretrained", "pretrained", "teacher_layers", "random")
     hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state term"})
     hidden_loss: Literal["mse", "cosine"] = field(default="mse", metadata={"help": "hidden-state term: MSE or cosine distance"})
     layer_map: str | None = field(default=None, metadata={

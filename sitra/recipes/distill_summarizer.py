@@ -14,7 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sitra import data, losses, models, records, results, runtime
-from sitra.args import KDArgs, RecordsArgs, check_kd
+from sitra.args import (
+    KDArgs,
+    RecordsArgs,
+    StudentInitArgs,
+    check_kd,
+    student_init_field,
+)
 from sitra.cards import data_description, optimiser_line, write_card
 from sitra.data import tasks
 from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
@@ -50,13 +56,11 @@ class SummaryDataArgs(TaskDataArgs):
 
 
 @dataclass(kw_only=True)
-class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
+class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "causal LM (fine-tuned for the task) folder or hub id (or its records: --teacher_logits)"})
     student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
-    student_init: Literal["pretrained", "teacher_layers"] = field(default="pretrained", metadata={
-        "help": "pretrained: load --student; teacher_layers: every k-th teacher layer"})
-    student_layers: int | None = field(default=None, metadata={"help": "layers of a teacher_layers student (default: half the teacher's)"})
+    student_init: Literal["pretrained", "teacher_layers"] = student_init_field("pretrained", "pretrained", "teacher_layers")
     loss_chunks: int = field(default=4, metadata={"help": "summary positions are cut into this many pieces for the logit losses (1: plain)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
 
