@@ -8,7 +8,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def _masked_mean(elementwise, mask):
@@ -119,33 +118,141 @@ LOGIT_LOSSES = {
 }
 
 
+def _pieces(n: int, chunks: int):
+    """(start, end) of the position pieces: torch.chunk's cut of range(n) into `chunks` pieces."""
+    size = max(1, -(-n // max(1, chunks)))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _leaves(root, skip):
+    """The tensors requiring grad that the autograd graph from node `root` reaches (its leaves,
+    e.g. the head's parameters, tied or not), in the order found, `skip` left out."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node
+        if leaf is not None:
+            if leaf is not skip:
+                found.append(leaf)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+class _ChunkGrads(torch.autograd.Function):
+    """total / n, whose backward hands out gradients computed beforehand, chunk by chunk:
+    grad_output times the stored d(total / n)/d(hidden) and d(total / n)/d(each head parameter).
+    The parameters are inputs, so their gradients arrive by the ordinary autograd path
+    (AccumulateGrad, DistributedDataParallel's hooks). The stored gradients are scaled in place
+    and let go in backward (no second copy of the head's gradient lives on with the loss), so it
+    backpropagates once."""
+
+    @staticmethod
+    def forward(ctx, stored, hidden, *params):
+        total, ctx.n, ctx.grad_hidden, ctx.grads = stored
+        return total / ctx.n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("chunked loss: its gradients were computed in forward and handed out by a first "
+                               "backward; it cannot backpropagate twice (compute the loss again)")
+        scale = grad_output.float()
+        grad_hidden, grads = ctx.grad_hidden, ctx.grads
+        ctx.grad_hidden = ctx.grads = None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        return (None, grad_hidden, *(None if g is None else g.mul_(scale).to(dtype) for g, dtype in grads))
+
+
+def _chunked(piece_loss, student_hidden, student_head, mask, chunks):
+    """sum over position pieces of piece_loss(student_logits, start, end, piece_mask) * n_masked_in_piece,
+    divided by the number of masked positions, never holding more than one piece's logits.
+
+    With grad enabled, each piece's gradients (into its hidden states and into every tensor
+    requiring grad that its graph reaches: the head's parameters) are computed right there, by
+    torch.autograd.grad on the piece's loss, and the piece's logits are freed; _ChunkGrads hands
+    them out in backward. Nothing is recomputed: the head runs once per piece in forward +
+    backward. Without grad, the value only. The head's trainable tensors must be leaves (as
+    parameters are): a tensor requiring grad computed outside the head and used in it would be
+    differentiated through, once per piece.
+    """
+    n = mask.sum().clamp(min=1)
+    pieces = [(a, b, mask[a:b]) for a, b in _pieces(len(mask), chunks)]
+    pieces = [(a, b, piece) for a, b, piece in pieces if piece.any()]
+    if not torch.is_grad_enabled():
+        total = torch.zeros((), device=mask.device)
+        for a, b, piece in pieces:
+            total = total + piece_loss(student_head(student_hidden[a:b]), a, b, piece).float() * piece.sum()
+        return total / n
+    if not pieces:  # 0, but in the graph: an empty mask still backpropagates (zeros) into hidden and head
+        return student_head(student_hidden[:0]).float().sum() / n
+
+    hidden = student_hidden.detach()
+    want_hidden = student_hidden.requires_grad
+    grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+    params, grads = [], []  # grads[i]: (accumulated gradient, dtype of params[i])
+    total = torch.zeros((), device=mask.device)
+    for a, b, piece in pieces:
+        h = hidden[a:b].detach().requires_grad_(want_hidden)
+        loss = piece_loss(student_head(h), a, b, piece).float()  # the mean over the piece's masked positions
+        total = total + loss.detach() * piece.sum()
+        if not loss.requires_grad:
+            continue
+        for leaf in _leaves(loss.grad_fn, h):
+            if not any(leaf is p for p in params):
+                params.append(leaf)
+                grads.append((None, leaf.dtype))
+        # seeded with n_piece / n, so the 1/n of the mean enters where it does in the plain loss (before
+        # the softmax backward and the head's matmul over V): the same rounding, not just the same value
+        got = torch.autograd.grad(loss, ([h] if want_hidden else []) + params, piece.sum() / n, allow_unused=True)
+        del loss
+        if want_hidden:
+            if got[0] is not None:
+                grad_hidden[a:b] = got[0]
+            got = got[1:]
+        for i, g in enumerate(got):
+            if g is None:
+                continue
+            acc, dtype = grads[i]
+            if acc is None:  # the first piece's gradient becomes the accumulator (fp32 at least)
+                acc = g.float() if g.is_floating_point() and g.element_size() < 4 else g
+                if acc is g and (not g.is_contiguous() or any(g is o for j, o in enumerate(got) if j != i)):
+                    acc = g.clone(memory_format=torch.contiguous_format)  # expanded, or handed to two leaves
+            else:
+                acc.add_(g)
+            grads[i] = (acc, dtype)
+        del got
+    if not want_hidden and not params:  # nothing here requires grad
+        return total / n
+    return _ChunkGrads.apply((total, n, grad_hidden, grads), student_hidden, *params)
+
+
 def chunked_logit_loss(loss_fn, student_hidden, student_head, teacher_hidden, teacher_head, mask, chunks: int = 16,
                        targets=None, **kw):
     """loss_fn over the logits of the two heads, without ever holding the full logits.
 
-    hidden [N, H] (positions flattened), heads map H -> V. Positions are cut into `chunks`
-    pieces; each piece's student and teacher logits are computed inside the loop and again in
-    backward (activation checkpointing), so peak memory holds one piece's [n, V] logits instead
-    of [N, V]. The value equals loss_fn on the full logits (mean over masked positions).
-    `targets` [N] (e.g. next-token ids), when given, is cut the same way and passed on as
-    loss_fn(..., targets=piece_targets).
+    hidden [N, H] (positions flattened), heads map H -> V (any callable: a module, tied or with a
+    bias, or a function of one). Positions are cut into `chunks` pieces; each piece's student and
+    teacher logits are computed inside the loop, and with grad enabled so is the piece's gradient
+    into its hidden states and the student head's parameters (torch.autograd.grad, in the style of
+    fused linear + loss kernels), after which its logits are freed: peak memory holds one piece's
+    [n, V] logits instead of [N, V], and nothing is recomputed in backward. The value and the
+    gradients equal loss_fn on the full logits (mean over masked positions); nothing flows into
+    the teacher. `targets` [N] (e.g. next-token ids), when given, is cut the same way and passed
+    on as loss_fn(..., targets=piece_targets).
     """
-    total = mask.sum().clamp(min=1)
-    out = student_head(student_hidden[:0]).float().sum()  # 0, but in the graph: an empty mask still backpropagates
-    for idx in torch.arange(len(mask), device=mask.device).chunk(chunks):
-        piece = mask[idx]
-        if not piece.any():
-            continue
+    def piece_loss(s_logits, a, b, piece):
+        with torch.no_grad():
+            t_logits = teacher_head(teacher_hidden[a:b])
+        extra = {} if targets is None else {"targets": targets[a:b]}
+        return loss_fn(s_logits, t_logits, piece, **extra, **kw)
 
-        extra = {} if targets is None else {"targets": targets[idx]}
-
-        def piece_loss(h, th, piece=piece, extra=extra):
-            with torch.no_grad():
-                t_logits = teacher_head(th)
-            return loss_fn(student_head(h), t_logits, piece, **extra, **kw) * piece.sum()
-
-        out = out + checkpoint(piece_loss, student_hidden[idx], teacher_hidden[idx], use_reentrant=False)
-    return out / total
+    return _chunked(piece_loss, student_hidden, student_head, mask, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,23 +321,15 @@ def chunked_record_loss(loss_fn, student_hidden, student_head, records: tuple, m
     """chunked_logit_loss for a recorded teacher: loss_fn(student_logits, *record_pieces, mask, **kw).
 
     hidden [N, H]; records: tensors [N, ...] (e.g. ids, log-probs, rest mass) cut into the same
-    position pieces as the hidden states; only one piece's student logits [n, V] exist at a time
-    (recomputed in backward). The value equals loss_fn on the full logits.
+    position pieces as the hidden states; only one piece's student logits [n, V] exist at a time,
+    each piece's gradients are computed in the loop (no recomputation in backward). The value and
+    the gradients equal loss_fn on the full logits.
     """
-    total = mask.sum().clamp(min=1)
-    out = student_head(student_hidden[:0]).float().sum()
-    for idx in torch.arange(len(mask), device=mask.device).chunk(chunks):
-        piece = mask[idx]
-        if not piece.any():
-            continue
-        extra = {} if targets is None else {"targets": targets[idx]}
-        pieces = tuple(r[idx] for r in records)
+    def piece_loss(s_logits, a, b, piece):
+        extra = {} if targets is None else {"targets": targets[a:b]}
+        return loss_fn(s_logits, *(r[a:b] for r in records), piece, **extra, **kw)
 
-        def piece_loss(h, piece=piece, pieces=pieces, extra=extra):
-            return loss_fn(student_head(h), *pieces, piece, **extra, **kw) * piece.sum()
-
-        out = out + checkpoint(piece_loss, student_hidden[idx], use_reentrant=False)
-    return out / total
+    return _chunked(piece_loss, student_hidden, student_head, mask, chunks)
 
 
 # --loss names that records can serve: each compares distributions, so it can be taken on k + 1 bins

@@ -696,3 +696,173 @@ def test_causal_shift_chunked_over_flattened_positions(name):
     expected = LOGIT_LOSSES[name](student_head(s_real), teacher_head(t_real), torch.ones(len(rows), dtype=torch.bool),
                                   **LOSS_KW[name])
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked_logit_loss and chunked_record_loss compute each chunk's gradients in the chunk loop:
+# the same value and gradients as the plain loss (1e-6 relative), and the student head runs
+# exactly once per chunk in forward + backward (nothing recomputed)
+
+from sitra.losses import RECORD_LOSSES, Sampled, TopK, chunked_record_loss, distill_loss
+
+NG, HG, VG, KG = 30, 6, 11, 4
+GRAD_MASK = torch.tensor([i % 4 != 2 and i not in (5, 17) for i in range(NG)])  # every chunk of 1, 4 or 5 scores some
+GRAD_CASES = [("logits", name) for name in LOGIT_LOSSES] + [("logits+targets", "jsd")] + \
+    [("top_k", name) for name in RECORD_LOSSES] + [("sampled", "forward_kl")]
+
+
+class _Student(torch.nn.Module):
+    """Hidden states from token ids (an embedding and a layer) and a head: "linear" (with a bias),
+    "tied" (its weight is the input embeddings') or "closure" (a wider head sliced to VG, as
+    distill_pythia's `lambda h: lm_head(model)(h)[..., :V]`)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(140)
+        self.kind = kind
+        self.emb = torch.nn.Embedding(VG, HG)
+        self.layer = torch.nn.Linear(HG, HG)
+        self.lm = torch.nn.Linear(HG, VG + 3 if kind == "closure" else VG, bias=kind != "tied")
+        if kind == "tied":
+            self.lm.weight = self.emb.weight
+
+    def hidden(self, ids):
+        return torch.tanh(self.layer(self.emb(ids))) * 3
+
+    def head(self, h):
+        return self.lm(h)[..., :VG] if self.kind == "closure" else self.lm(h)
+
+
+def _grad_case(kind):
+    """(loss_fn, teacher) of a case: teacher is (h_t, teacher_head) for logits, the records otherwise."""
+    source, name = kind
+    extra = {"beta": 0.3} if name == "jsd" else {}
+    if source.startswith("logits"):
+        t_head = torch.nn.Linear(HG, VG)
+        with torch.no_grad():
+            t_head.weight.copy_(rand(VG, HG, seed=141) * 2)
+            t_head.bias.copy_(rand(VG, seed=142))
+        h_t = rand(NG, HG, seed=143).requires_grad_(True)  # to see that nothing flows back to the teacher
+        if source == "logits":
+            return (lambda s, t, mask: LOGIT_LOSSES[name](s, t, mask, temperature=2.0, **extra)), (h_t, t_head)
+        return (lambda s, t, mask, targets: distill_loss(s, t, mask, targets, divergence=name, temperature=2.0,
+                                                         ce_weight=0.5, **extra)[0]), (h_t, t_head)
+    t_lp = torch.log_softmax(rand(NG, VG, seed=144) * 2 / 2.0, -1)
+    if source == "top_k":
+        logp, ids = t_lp.topk(KG, -1)
+        records, wrap = (ids, logp, t_lp.scatter(-1, ids, float("-inf")).logsumexp(-1)), TopK
+    else:  # distinct ids of 8 draws from p_T, their share of the draws, 0 in unused slots
+        draws = torch.multinomial(t_lp.exp(), 8, replacement=True, generator=torch.Generator().manual_seed(145))
+        ids, weight = torch.zeros(NG, 8, dtype=torch.long), torch.zeros(NG, 8)
+        for row in range(NG):
+            distinct, counts = draws[row].unique(return_counts=True)
+            ids[row, :len(distinct)], weight[row, :len(distinct)] = distinct, counts / 8
+        records, wrap = (ids, t_lp.gather(-1, ids), weight), Sampled
+
+    def loss_fn(s, *pieces_mask, targets=None):
+        *pieces, mask = pieces_mask
+        return distill_loss(s, wrap(*pieces), mask, targets, divergence=name, temperature=2.0, ce_weight=0.5, **extra)[0]
+
+    return loss_fn, records
+
+
+def _grad_run(kind, head_kind, chunks=None):
+    """(value, gradients by name, student head calls) of the plain loss (chunks None) or the chunked one."""
+    student = _Student(head_kind)
+    calls = [0]
+
+    def head(h):
+        calls[0] += 1
+        return student.head(h)
+
+    loss_fn, teacher = _grad_case(kind)
+    ids = torch.randint(0, VG, (NG,), generator=torch.Generator().manual_seed(146))
+    targets = torch.randint(0, VG, (NG,), generator=torch.Generator().manual_seed(147))
+    extra = {"targets": targets} if kind[0] != "logits" else {}
+    hidden = student.hidden(ids)
+    hidden.retain_grad()
+    if kind[0].startswith("logits"):
+        h_t, t_head = teacher
+        if chunks is None:
+            with torch.no_grad():
+                t_logits = t_head(h_t)
+            value = loss_fn(head(hidden), t_logits, GRAD_MASK, **extra)
+        else:
+            value = chunked_logit_loss(loss_fn, hidden, head, h_t, t_head, GRAD_MASK, chunks=chunks, **extra)
+    elif chunks is None:
+        value = loss_fn(head(hidden), *teacher, GRAD_MASK, **extra)
+    else:
+        value = chunked_record_loss(loss_fn, hidden, head, teacher, GRAD_MASK, chunks=chunks, **extra)
+    forward_calls = calls[0]
+    value.backward()
+    assert calls[0] == forward_calls  # backward runs no head
+    if kind[0].startswith("logits"):
+        assert teacher[0].grad is None and teacher[1].weight.grad is None and teacher[1].bias.grad is None
+    grads = {"hidden": hidden.grad, **{n: p.grad for n, p in student.named_parameters()}}
+    return value.detach(), grads, calls[0]
+
+
+def _max_rel(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 5])
+@pytest.mark.parametrize("head_kind", ["linear", "tied", "closure"])
+@pytest.mark.parametrize("kind", GRAD_CASES, ids=lambda k: f"{k[0]}-{k[1]}")
+def test_chunked_gradients_equal_plain_with_one_head_call_per_chunk(kind, head_kind, chunks):
+    pieces = torch.arange(NG).chunk(chunks)
+    assert len(pieces) == chunks and all(GRAD_MASK[p].any() for p in pieces)
+    plain, want, plain_calls = _grad_run(kind, head_kind)
+    value, got, calls = _grad_run(kind, head_kind, chunks)
+    assert plain_calls == 1 and calls == chunks  # once per chunk in forward + backward
+    assert plain.item() > 1e-2 and abs(value.item() - plain.item()) <= 1e-6 * abs(plain.item())
+    # tied: lm.weight is emb.weight, one parameter taking the gradient of both uses
+    names = {"hidden", "emb.weight", "layer.weight", "layer.bias"} | ({"lm.weight", "lm.bias"} if head_kind != "tied" else set())
+    assert set(want) == names and set(got) == names
+    for n in names:
+        assert want[n].abs().max() > 0, n
+        assert _max_rel(got[n], want[n]) <= 1e-6, (n, _max_rel(got[n], want[n]))
+    assert not got["hidden"][~GRAD_MASK].any()
+
+
+def test_chunked_without_grad_runs_no_autograd():
+    """Under no_grad / inference_mode: the value chunk by chunk, no graph, one head call per chunk."""
+    student = _Student("linear")
+    loss_fn, (h_t, t_head) = _grad_case(("logits", "forward_kl"))
+    h = student.hidden(torch.arange(NG) % VG).detach()
+    with torch.no_grad():
+        want = loss_fn(student.head(h), t_head(h_t), GRAD_MASK)
+    for context in (torch.no_grad, torch.inference_mode):
+        calls = [0]
+
+        def head(x, calls=calls):
+            calls[0] += 1
+            return student.head(x)
+
+        with context():
+            value = chunked_logit_loss(loss_fn, h, head, h_t, t_head, GRAD_MASK, chunks=4)
+        assert not value.requires_grad and calls[0] == 4
+        assert abs(value.item() - want.item()) <= 1e-6 * want.item()
+
+
+def test_chunked_under_autocast():
+    """bf16 autocast: the loss is taken in fp32, value and gradients close to the plain loss's under autocast."""
+    results = []
+    for chunks in (None, 4):
+        student = _Student("tied")
+        loss_fn, (h_t, t_head) = _grad_case(("logits", "forward_kl"))
+        hidden = student.hidden(torch.arange(NG) % VG)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunks is None:
+                with torch.no_grad():
+                    t_logits = t_head(h_t)
+                value = loss_fn(student.head(hidden), t_logits, GRAD_MASK)
+            else:
+                value = chunked_logit_loss(loss_fn, hidden, student.head, h_t, t_head, GRAD_MASK, chunks=chunks)
+        assert value.dtype == torch.float32
+        value.backward()
+        results.append((value.item(), {n: p.grad for n, p in student.named_parameters()}))
+    (plain, want), (value, got) = results
+    assert value == pytest.approx(plain, rel=1e-3)
+    for n in want:
+        assert torch.isfinite(got[n]).all() and _max_rel(got[n], want[n]) <= 2e-2, n
