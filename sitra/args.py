@@ -65,6 +65,11 @@ KD_HELP = {
 }
 
 
+def alpha_weights(meaning: str, a: float) -> tuple[float, float]:
+    """(kd_weight, ce_weight) that --alpha a meant in a job of that ALPHA_MEANINGS kind."""
+    return {"ce": (1 - a, a), "kd": (a, 1 - a), "ce_added": (1.0, a)}[meaning]
+
+
 def kd_field(name: str, default):
     """A KDArgs field with a job's own default (the help stays the group's)."""
     return field(default=default, metadata={"help": KD_HELP[name]})
@@ -96,7 +101,7 @@ class KDArgs:
                 raise UsageError(f"--alpha {a}: must be in [0, 1]")
             if meaning == "ce_added" and not a >= 0:
                 raise UsageError(f"--alpha {a}: must be 0 or more")
-            self.kd_weight, self.ce_weight = {"ce": (1 - a, a), "kd": (a, 1 - a), "ce_added": (1.0, a)}[meaning]
+            self.kd_weight, self.ce_weight = alpha_weights(meaning, a)
             _notice(type(self), f"--alpha {a:g} is the old name: this job reads it as --kd_weight {self.kd_weight:g} "
                     f"--ce_weight {self.ce_weight:g}")
             self.alpha = None
@@ -123,23 +128,17 @@ class KDArgs:
         """The run-name part of the weights: `a<alpha>` where an old --alpha gives them (so old
         commands keep their run folders), else `kd<w>_ce<w>`."""
         kd, ce = self.kd_weight, self.ce_weight
-        a = {"ce": ce, "kd": kd, "ce_added": ce}[self.ALPHA_MEANING]
-        if (kd, ce) == {"ce": (1 - a, a), "kd": (a, 1 - a), "ce_added": (1.0, a)}[self.ALPHA_MEANING]:
+        a = kd if self.ALPHA_MEANING == "kd" else ce
+        if (kd, ce) == alpha_weights(self.ALPHA_MEANING, a):
             return f"a{a:g}"
         return f"kd{kd:g}_ce{ce:g}"
 
 
 def check_kd(args: KDArgs, divergences=DIVERGENCES):
-    """One-line errors for the objective's flags, before any compute."""
+    """One-line errors for the objective's flags, before any compute (their ranges: check_values)."""
     if args.loss not in divergences:
         raise UsageError(f"--loss {args.loss}: allowed {', '.join(divergences)}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature {args.temperature}: must be positive")
-    if not 0 <= args.jsd_beta <= 1:
-        raise UsageError(f"--jsd_beta {args.jsd_beta}: must be in [0, 1]")
-    for flag in ("kd_weight", "ce_weight"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
+    check_values(args, KDArgs)
     if args.kd_weight == 0 and args.ce_weight == 0:
         raise UsageError("--kd_weight 0 --ce_weight 0: nothing to train on; give one of them a positive weight")
 
@@ -259,9 +258,10 @@ FLAG_PATHS = {**dict.fromkeys(["train_file", "eval_file", "validation_file", "te
               **dict.fromkeys(["dataset_dir", "data", "sweep_dir", "model_dir", "checkpoints"], "folder")}
 
 
-def check_values(args):
-    """One-line errors for plain values out of their flag's range (and --device), for any job."""
-    for f in dataclasses.fields(args):
+def check_values(args, group=None):
+    """One-line errors for plain values out of their flag's range (and --device, and local paths
+    that must exist), for any job; `group`: only the fields of that argument group."""
+    for f in dataclasses.fields(group or args):
         value = getattr(args, f.name)
         if f.name == "device" and isinstance(value, str):
             kind, _, index = value.partition(":")
@@ -276,10 +276,9 @@ def check_values(args):
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue
             flag = f"--{f.name} {x}"
-            if x != x:
-                raise UsageError(f"{flag}: not a number")
             lo, above, hi, below = bounds.get("min", 0), bounds.get("above"), bounds.get("max"), bounds.get("below")
-            if (above is not None and not x > above) or x < lo or (hi is not None and x > hi) or (below is not None and not x < below):
+            if (x != x or (above is not None and not x > above) or x < lo or (hi is not None and x > hi)
+                    or (below is not None and not x < below)):  # x != x: nan
                 raise UsageError(f"{flag}: must be {_allowed(lo, above, hi, below)}")
 
 

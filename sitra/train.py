@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from sitra import runtime
-from sitra.args import RunArgs
+from sitra.args import RunArgs, check_values
 from sitra.errors import Interrupted, UsageError
 from sitra.models.assembly import load_weights
 from sitra.results import RunLog, atomic_write
@@ -67,21 +67,9 @@ class TrainArgs(RunArgs):
 
 
 def check_train_args(args: TrainArgs):
-    """One-line errors for loop flags, before any compute."""
-    positive = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "epochs": args.epochs if not args.max_steps else 1}
-    for name, v in positive.items():
-        if v < 1:
-            raise UsageError(f"--{name} {v}: must be at least 1")
-    for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "stop_after_steps"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} {getattr(args, name)}: must be 0 or more")
-    if not args.lr > 0:
-        raise UsageError(f"--lr {args.lr}: must be positive")
-    if not args.save_checkpoint_every > 0:
-        raise UsageError(f"--save_checkpoint_every {args.save_checkpoint_every}: must be positive (epochs)")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        raise UsageError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    """One-line errors before any compute: the range of every flag of the job (the parser's own
+    check, sitra.args.check_values, so that jobs built in Python get it too), and a CUDA device."""
+    check_values(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu or auto")
 

@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sitra.args import check_values
 from sitra.errors import UsageError
 
 BUILTIN = "python-docs"  # English prose that every CPython ships (pydoc's help topics)
@@ -94,13 +95,7 @@ class TextDataArgs:
 
 
 def check_data_args(args: TextDataArgs):
-    if not 0 < args.percentage_data <= 1:
-        raise UsageError(f"--percentage_data {args.percentage_data}: must be in (0, 1]")
-    if not 0 < args.mlm_probability < 1:
-        raise UsageError(f"--mlm_probability {args.mlm_probability}: must be in (0, 1)")
+    """The group's ranges and files (sitra.args.check_values), and room for BERT's special tokens."""
+    check_values(args, TextDataArgs)
     if args.max_seq_length < 8:
         raise UsageError(f"--max_seq_length {args.max_seq_length}: must be at least 8")
-    for flag in ("train_file", "eval_file"):
-        path = getattr(args, flag)
-        if path and not Path(path).is_file():
-            raise UsageError(f"--{flag} {path}: no such file")

@@ -119,16 +119,10 @@ def check(args: DistillLMArgs) -> Setup:
     if rec and vocab < rec.vocab:
         raise UsageError(f"--student {args.student}: {student_config.vocab_size:,} output rows, fewer than the "
                          f"{rec.vocab:,} ids {teacher_name} hold")
-    if args.loss_chunks < 1:
-        raise UsageError(f"--loss_chunks {args.loss_chunks}: must be at least 1")
-    if not 0 <= args.on_policy_fraction <= 1:
-        raise UsageError(f"--on_policy_fraction {args.on_policy_fraction}: must be in [0, 1]")
     if args.on_policy_fraction:
         if not 1 <= args.max_new_tokens < args.max_seq_length:
             raise UsageError(f"--max_new_tokens {args.max_new_tokens}: allowed 1-{args.max_seq_length - 1} "
                              f"(--max_seq_length {args.max_seq_length})")
-        if not args.sampling_temperature > 0:
-            raise UsageError(f"--sampling_temperature {args.sampling_temperature}: must be positive")
     lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
     layer_map = parse_layer_map(args.layer_map, n_student, teacher_config.num_hidden_layers)
     relation_map = parse_layer_map(args.relation_layers or f"{n_student - 1}:{teacher_config.num_hidden_layers - 1}",

@@ -103,11 +103,6 @@ def check(args: DistillSummarizerArgs) -> Setup:
     check_data_flags(args)
     check_kd(args)
     lowbit.check_lowbit(args)
-    for flag in ("max_new_tokens", "generation_batch_size", "loss_chunks"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.generation_examples < 0:
-        raise UsageError(f"--generation_examples {args.generation_examples}: must be 0 (all) or more")
     if not args.teacher and not args.teacher_logits:
         raise UsageError("--teacher: required, or --teacher_logits DIR (the teacher's records from jobs/record_teacher.py)")
     rec = check_records(args) if args.teacher_logits else None
