@@ -27,7 +27,13 @@ from sitra.errors import Interrupted, UsageError
 from sitra.recipes import JOBS, job_module
 from sitra.recipes.collect_results import CollectArgs
 from sitra.recipes.collect_results import run as collect
-from sitra.results import RunLog, atomic_write, check_run_name, config_dict, diff_configs
+from sitra.results import (
+    RunLog,
+    atomic_write,
+    check_run_name,
+    config_dict,
+    diff_configs,
+)
 from sitra.train import request_stop
 
 
@@ -271,8 +277,7 @@ def check_cluster(largs: LaunchArgs) -> str:
     return cluster
 
 
-def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
-    cluster = check_cluster(largs)
+def make_executor(largs: LaunchArgs, cluster: str, folder: Path, job: str, n_tasks: int):
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     params = dict(name=f"sitra-{job}", timeout_min=parse_time(largs.time), cpus_per_task=largs.cpus_per_task,
                   mem_gb=largs.mem_gb, gpus_per_node=largs.gpus_per_task * largs.tasks_per_node,
@@ -285,13 +290,13 @@ def make_executor(largs: LaunchArgs, folder: Path, job: str, n_tasks: int):
             if getattr(largs, key):
                 params[f"slurm_{key}"] = getattr(largs, key)
     executor.update_parameters(**params)
-    return executor, cluster
+    return executor
 
 
 def launch(job: str, job_argv: list[str], largs: LaunchArgs):
     """Check everything, submit the array, write the sweep manifest; returns (jobs, manifest path)."""
     module = job_module(job)
-    check_cluster(largs)
+    cluster = check_cluster(largs)
     axes = sweep_axes(largs, job_args_class(module, job_argv))
     sweep = largs.sweep_name or job
     storage = Path(largs.storage_directory)
@@ -300,7 +305,7 @@ def launch(job: str, job_argv: list[str], largs: LaunchArgs):
     refuse_changed_tasks(tasks, storage)
     groups = fuse_groups(tasks, axes, largs, module)
     check_storage(storage, sweep)  # the sweep's folders are made only once everything is checked
-    executor, cluster = make_executor(largs, storage / "slurm_logs" / sweep, job, len(groups))
+    executor = make_executor(largs, cluster, storage / "slurm_logs" / sweep, job, len(groups))
     jobs = executor.map_array(JobTask(job), [[t.args for t in g] if largs.fuse else g[0].args for g in groups])
     manifest = storage / "eval_results" / sweep / "sweep.json"
     record = {"job": job, "axes": axes, "fused": largs.fuse, "cluster": cluster,

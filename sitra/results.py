@@ -135,14 +135,9 @@ class RunLog:
             else:
                 self._prior_wall = float(old["attrs"].get("wall_time_s", 0.0))
                 self._started_at = str(old["attrs"].get("started_at", self._started_at))
-                for key in ("missing_steps_before",):
-                    if key in old["attrs"]:
-                        self._attrs[key] = old["attrs"][key]
-                for group in rows:
-                    table = old[group]
-                    n = len(table.get("step", []))
-                    rows[group] = [{k: v[i] for k, v in table.items() if not np.isnan(v[i])} for i in range(n)
-                                   if table["step"][i] <= resume_step]
+                if "missing_steps_before" in old["attrs"]:
+                    self._attrs["missing_steps_before"] = old["attrs"]["missing_steps_before"]
+                rows = _rows_of(old, upto=resume_step)
         elif resume_step is not None:
             self._attrs["missing_steps_before"] = resume_step + 1  # the log of the first steps is gone
         self._rewrite(rows)
@@ -213,11 +208,7 @@ class RunLog:
 
     def _rows(self) -> dict:
         """Every row logged so far: the HDF5 file's and its journal's."""
-        if not self.path.exists():
-            return {"train": [], "eval": []}
-        old = read_log(self.path)
-        return {g: [{k: v[i] for k, v in old[g].items() if not np.isnan(v[i])} for i in range(len(old[g].get("step", [])))]
-                for g in ("train", "eval")}
+        return _rows_of(read_log(self.path)) if self.path.exists() else {"train": [], "eval": []}
 
     def _rewrite(self, rows: dict, final: dict | None = None):
         """Write the whole HDF5 file (rows, attributes, final numbers) with a new, empty journal."""
@@ -253,12 +244,22 @@ class RunLog:
             except (OSError, KeyError, ValueError):
                 return  # an unreadable log is left as it is
             self._started = True
-            self._prior_wall = 0.0
             self.note(status="failed", error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             self._rewrite(rows)
         else:
             self._started = True
             self._finish(None, "failed", error)
+
+
+def _rows_of(log: dict, upto: int | None = None) -> dict:
+    """A read_log's train/eval tables as rows (a number that is nan was not logged at that step),
+    those after step `upto` left out."""
+    rows = {}
+    for group in ("train", "eval"):
+        table, steps = log[group], log[group].get("step", [])
+        rows[group] = [{k: v[i] for k, v in table.items() if not np.isnan(v[i])} for i in range(len(steps))
+                       if upto is None or steps[i] <= upto]
+    return rows
 
 
 def journal_path(log_path: Path) -> Path:
