@@ -14,6 +14,7 @@ from typing import Literal
 
 from sitra.errors import UsageError
 from sitra.presets import PRESETS
+from sitra.reporting import check_report_to
 
 SITRA_METADATA = ("not_part_of_run", "teacher_source", "bounds")
 
@@ -46,6 +47,10 @@ class RunArgs(PlaceArgs):
     overwrite: bool = field(default=False, metadata={
         "help": "start over instead of resuming an existing run", "not_part_of_run": True})
     seed: int = field(default=42, metadata={"help": "seed of the initial weights, data order, masks and dropout"})
+    report_to: str = field(default="none", metadata={
+        "help": "also write the log's numbers to tensorboard, wandb or both (tensorboard,wandb), in the run folder; "
+                "a resumed run continues the same TensorBoard and W&B run; none: only the HDF5 log",
+        "not_part_of_run": True})
 
 
 # --loss names: the divergences of sitra.losses.LOGIT_LOSSES (kept here so parsing needs no torch)
@@ -254,8 +259,18 @@ FLAG_BOUNDS = {
 DEVICES = "auto, cpu, cuda or cuda:N"
 # flags that name a local file or folder that must exist (model flags may also be hub ids: not here)
 FLAG_PATHS = {**dict.fromkeys(["train_file", "eval_file", "validation_file", "test_file", "lambada_file", "h5ad",
-                               "token_dictionary", "gene_median_dictionary", "log"], "file"),
+                               "token_dictionary", "gene_median_dictionary", "gene_name_dictionary", "log"], "file"),
               **dict.fromkeys(["dataset_dir", "data", "sweep_dir", "model_dir", "checkpoints"], "folder")}
+
+
+# flags whose value a job does not use when one of the others is given: the logged config says so
+# (as_used), so that it records the data a run read, not a default or a preset's suggestion
+UNUSED_WHEN = dict.fromkeys(["dataset_name", "dataset_config"], ("train_file", "eval_file"))
+
+
+def as_used(config: dict) -> dict:
+    """The config with every UNUSED_WHEN flag that another given flag overrides set to None."""
+    return {k: None if any(config.get(o) for o in UNUSED_WHEN.get(k, ())) else v for k, v in config.items()}
 
 
 def check_values(args, group=None):
@@ -267,6 +282,8 @@ def check_values(args, group=None):
             kind, _, index = value.partition(":")
             if value != "auto" and kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
                 raise UsageError(f"--device {value}: choose {DEVICES}")
+        if f.name == "report_to":
+            check_report_to(value)
         kind = FLAG_PATHS.get(f.name)
         for text in (value if isinstance(value, list) else [value]) if kind else []:
             if isinstance(text, str) and text and not (Path(text).is_file() if kind == "file" else Path(text).is_dir()):

@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 from sitra import fuse, runtime
 from sitra.args import SITRA_METADATA, check_values
 from sitra.errors import Interrupted, StorageError, UsageError
-from sitra.presets import PRESETS
+from sitra.presets import PRESETS, typed_groups
 from sitra.train import request_stop
 
 
@@ -66,13 +66,14 @@ def typed_fields(parser, argv: list[str]) -> set[str]:
 
 
 def apply_preset(args, typed: set[str]):
-    """args with every field not in `typed` taken from the preset `args.preset` names, if any."""
+    """args with every field not in `typed` (nor in a group of sitra.presets.GROUPS with a typed
+    field) taken from the preset `args.preset` names, if any."""
     name = getattr(args, "preset", None)
     if not name:
         return args
     if name not in PRESETS:
         raise UsageError(f"--preset {name}: unknown; choose from {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(args)}
+    names, typed = {f.name for f in dataclasses.fields(args)}, typed_groups(typed)
     return dataclasses.replace(args, **{k: v for k, v in PRESETS[name]().items() if k in names and k not in typed})
 
 

@@ -258,50 +258,79 @@ def evaluate_mlm(models: dict, batches, device, desc="evaluating") -> dict:
             for name, model in models.items()}
 
 
-# panel -> (train series, eval series) a training log may hold; "exp(ce)" is the perplexity of the training batches
-CURVES = {
-    "loss": (("loss", "kl", "ce"), ("eval_loss", "eval_kl", "eval_ce")),
-    "accuracy": (("mlm_accuracy",), ("mlm_accuracy", "mlm_top5_accuracy")),
-    "perplexity": (("exp(ce)",), ("perplexity",)),
-}
+# log columns that are the loop's bookkeeping, not curves of the model (--report_to tensorboard draws them too)
+NOT_CURVES = ("step", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_total", "selection_error", "distinct_shapes")
 
 
-def plot_training(log: dict, path) -> list[str]:
-    """PNG of the loss, accuracy and perplexity curves of a run's HDF5 log (`results.read_log`):
-    training steps as lines, held-out evaluations as markers. Returns the panels drawn."""
+def training_curves(log: dict) -> dict:
+    """{quantity: {"train": (steps, values), "validation": (steps, values)}} of a run's log
+    (`results.read_log`): one entry per quantity, whatever its scale. A held-out column is the
+    training column's quantity when its name is that name or `eval_` + it; the training batches'
+    perplexity is exp(ce) where the held-out one is logged."""
+    import numpy as np
+
+    curves = {}
+    for group, key in (("train", "train"), ("eval", "validation")):
+        table = log[group]
+        for name, values in table.items():
+            if name not in NOT_CURVES and "step" in table and np.isfinite(values).any():
+                curves.setdefault(name.removeprefix("eval_"), {})[key] = (table["step"], values)
+    train = log["train"]
+    if "perplexity" in curves and "ce" in train and "step" in train:
+        curves["perplexity"]["train"] = (train["step"], np.exp(train["ce"]))
+    return curves
+
+
+def curve_kind(quantity: str) -> str:
+    """loss, accuracy or perplexity: the order of the panels, and the job's one-line summary."""
+    return ("perplexity" if "perplexity" in quantity else "accuracy" if "accuracy" in quantity or "f1" in quantity
+            else "loss")
+
+
+def training_figure(log: dict):
+    """(matplotlib figure, quantities): one panel per quantity (a KL of 0.07 beside a CE of 9 is
+    not a flat line), training steps as a line and held-out evaluations as markers, the legend
+    above the panel so it covers no curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    def series(group, name):
-        g = log[group]
-        if name == "exp(ce)" and "ce" in g:
-            return g["step"], np.exp(g["ce"])
-        return (g["step"], g[name]) if name in g and "step" in g and np.isfinite(g[name]).any() else None
-
-    panels = {p: [(group, n, s) for group, names in zip(("train", "eval"), pair) for n in names
-                  if (s := series(group, n)) is not None] for p, pair in CURVES.items()}
-    panels = {p: lines for p, lines in panels.items() if lines}
-    if not panels:
-        return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (panel, lines) in zip(axes[0], panels.items()):
-        colors = {}  # one colour per quantity, for its training line and its held-out markers
-        for group, name, (steps, values) in lines:
-            what = {"perplexity": "exp(ce)"}.get(name, name.removeprefix("eval_"))
-            color = colors.setdefault(what, f"C{len(colors)}")
-            style = dict(marker="o", linestyle="--") if group == "eval" else dict(linewidth=1, alpha=0.8)
-            ax.plot(steps, values, label=f"{group} {name.removeprefix('eval_')}", color=color, **style)
-        if panel == "perplexity":
+    curves = training_curves(log)
+    if not curves:
+        return None, []
+    kinds = ("loss", "accuracy", "perplexity")
+    order = sorted(curves, key=lambda q: (q != "loss", kinds.index(curve_kind(q))))  # stable: log order within a kind
+    cols = min(3, len(order))
+    rows = -(-len(order) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, quantity in zip(axes.flat, order):
+        for key, style in (("train", dict(color="C0", linewidth=1, alpha=0.85)),
+                           ("validation", dict(color="C1", marker="o", markersize=4, linestyle="--"))):
+            if key in curves[quantity]:
+                ax.plot(*curves[quantity][key], label=key, **style)
+        if quantity == "perplexity":
             ax.set_yscale("log")
-        ax.set_xlabel("step"), ax.set_ylabel(panel), ax.legend(fontsize=7)
+        ax.set_title(quantity, loc="left", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False, borderaxespad=0.2)
+    for ax in list(axes.flat)[len(order):]:
+        ax.remove()
     fig.suptitle(log["attrs"].get("run_name", ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
-    return list(panels)
+    return fig, order
+
+
+def plot_training(log: dict, path) -> list[str]:
+    """PNG of a run's training curves (training_figure); returns the quantities drawn."""
+    import matplotlib.pyplot as plt
+
+    fig, quantities = training_figure(log)
+    if fig is not None:
+        fig.savefig(path, format="png", dpi=120)
+        plt.close(fig)
+    return quantities
 
 
 # ---------------------------------------------------------------------------------------------

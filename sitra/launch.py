@@ -21,7 +21,7 @@ from pathlib import Path
 import submitit
 
 from sitra import runtime
-from sitra.args import check_values, marked
+from sitra.args import as_used, check_values, marked
 from sitra.cli import OneLineParser, apply_preset, fail, typed_fields
 from sitra.errors import Interrupted, UsageError
 from sitra.recipes import JOBS, job_module
@@ -171,7 +171,7 @@ def refuse_changed_tasks(tasks: list[Task], storage: Path):
     for t in tasks:
         saved = storage / "checkpoints" / t.run_name / "args.json"
         if saved.exists():
-            differ = diff_configs(json.loads(saved.read_text()), config_dict(t.args), marked(t.args, "not_part_of_run"))
+            differ = diff_configs(as_used(json.loads(saved.read_text())), config_dict(t.args), marked(t.args, "not_part_of_run"))
             if differ:
                 raise UsageError(f"--sweep_name: {saved.parent} holds a run with other arguments ({differ}); "
                                  "choose another --sweep_name")

@@ -17,3 +17,13 @@ def quickstart() -> dict:
 
 
 PRESETS = {"quickstart": quickstart}
+
+# flags that together say one thing (where the text comes from): a preset gives the whole group,
+# or none of it where one of them is typed (`--train_file` replaces the preset's dataset, and the
+# preset's dataset_config does not go with a typed --dataset_name)
+GROUPS = (("dataset_name", "dataset_config", "train_file", "eval_file"),)
+
+
+def typed_groups(typed: set[str]) -> set[str]:
+    """The fields a preset leaves alone: those typed and the rest of their GROUPS."""
+    return typed | {f for group in GROUPS if typed & set(group) for f in group}

@@ -26,14 +26,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sitra import runtime
-from sitra.args import marked
+from sitra import reporting, runtime
+from sitra.args import as_used, marked
 from sitra.errors import Interrupted, StorageError, UsageError
 from sitra.version import __version__
 
 
 def config_dict(args) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(args), default=str))
+    """The arguments as the log and args.json record them: what the job used (sitra.args.as_used)."""
+    return as_used(json.loads(json.dumps(dataclasses.asdict(args), default=str)))
 
 
 def _git_commit() -> str:
@@ -98,6 +99,9 @@ class RunLog:
     journal (`journal` attribute): read_log reads both, a journal left by an earlier session is
     ignored, and a line cut by a kill is dropped. On resume the rows after the checkpoint's step
     are dropped, so the log always matches the checkpoint it continues from.
+
+    The rows and final numbers also go to the reporters of the config's `report_to`
+    (sitra.reporting), which write into the run folder `checkpoints/<run_name>/`.
     """
 
     def __init__(self, path: Path, job: str, run_name: str, config: dict, not_part_of_run=frozenset()):
@@ -113,6 +117,7 @@ class RunLog:
             "not_part_of_run": json.dumps(sorted(not_part_of_run)),
         }
         self._started = False
+        self._config, self._report_to, self._reporters = config, config.get("report_to"), None
 
     def start(self, resume_step: int | None = None):
         """Begin a fresh log, or continue the log of a run resumed at `resume_step`.
@@ -123,6 +128,7 @@ class RunLog:
         if not runtime.is_main():
             return
         rows = {"train": [], "eval": []}
+        logged_upto = self._last_logged_step()
         if resume_step is not None and self.path.exists():
             try:
                 old = read_log(self.path)
@@ -141,6 +147,22 @@ class RunLog:
         elif resume_step is not None:
             self._attrs["missing_steps_before"] = resume_step + 1  # the log of the first steps is gone
         self._rewrite(rows)
+        if reporting.parse_report_to(self._report_to):
+            name = self._attrs["run_name"]
+            self._reporters = reporting.open_reporters(self._report_to, run_folder(self.path, name), name,
+                                                       self._config, resume_step, logged_upto)
+
+    def _last_logged_step(self) -> int | None:
+        """The last step an earlier session logged (its journal included), for reporters that
+        cannot take a step back; None without reporters, log or steps."""
+        if not reporting.parse_report_to(self._report_to) or not self.path.exists():
+            return None
+        try:
+            log = read_log(self.path)
+        except (OSError, KeyError, ValueError):
+            return None
+        steps = [s for g in ("train", "eval") for s in log[g].get("step", [])]
+        return int(max(steps)) if steps else None
 
     def __enter__(self):
         return self
@@ -157,7 +179,13 @@ class RunLog:
             if self._started:
                 self.flush()
                 self._rewrite(self._rows())  # rows and attributes in the HDF5 file itself
+        self._close_reporters("stopped")  # a finished or failed log closed them already
         return False
+
+    def _close_reporters(self, status: str):
+        if self._reporters is not None:
+            reporters, self._reporters = self._reporters, None
+            reporters.close(status)
 
     def note(self, **attrs):
         """Facts about the run kept as attributes (e.g. world size, effective batch)."""
@@ -184,6 +212,8 @@ class RunLog:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if self._reporters is not None:
+            self._reporters.rows(pending)
 
     def complete(self, final: dict):
         status = "incomplete" if "missing_steps_before" in self._attrs else "complete"
@@ -205,6 +235,9 @@ class RunLog:
         self.flush()
         self.note(status=status, error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self._rewrite(self._rows(), final)
+        if self._reporters is not None and final:
+            self._reporters.final(final)
+        self._close_reporters("failed" if status == "failed" else "complete")
 
     def _rows(self) -> dict:
         """Every row logged so far: the HDF5 file's and its journal's."""
@@ -260,6 +293,11 @@ def _rows_of(log: dict, upto: int | None = None) -> dict:
         rows[group] = [{k: v[i] for k, v in table.items() if not np.isnan(v[i])} for i in range(len(steps))
                        if upto is None or steps[i] <= upto]
     return rows
+
+
+def run_folder(log_path: Path, run_name: str) -> Path:
+    """`<storage>/checkpoints/<run>/` of the log `<storage>/eval_results/<run>.h5` (open_run's layout)."""
+    return Path(log_path).parents[len(Path(run_name).parts)] / "checkpoints" / run_name
 
 
 def journal_path(log_path: Path) -> Path:
@@ -364,7 +402,7 @@ def open_run(args, default_name: str) -> Run:
             journal_path(run.log_path).unlink(missing_ok=True)
         runtime.barrier()
     elif saved.exists():
-        differ = diff_configs(json.loads(saved.read_text()), run.config, run.not_part_of_run)
+        differ = diff_configs(as_used(json.loads(saved.read_text())), run.config, run.not_part_of_run)
         if differ:
             raise UsageError(
                 f"--run_name {name}: {run.checkpoint_dir} holds a run with other arguments "

@@ -1,9 +1,9 @@
-"""Draw the loss, accuracy and perplexity curves of a run's HDF5 log as a PNG."""
+"""Draw the curves of a run's HDF5 log as a PNG: one panel per quantity, training and validation."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sitra.errors import UsageError
-from sitra.evaluate import plot_training
+from sitra.evaluate import curve_kind, plot_training
 from sitra.results import read_log
 
 JOB = "plot_training"
@@ -28,7 +28,8 @@ def run(args: PlotTrainingArgs) -> Path:
     panels = plot_training(log, output)
     if not panels:
         raise UsageError(f"--log {args.log}: holds no training or evaluation curves (loss, accuracy, perplexity)")
-    print(f"{', '.join(panels)} curves of {log['attrs'].get('run_name', args.log)}: {output}")
+    kinds = ", ".join(dict.fromkeys(curve_kind(p) for p in panels))
+    print(f"{kinds} curves of {log['attrs'].get('run_name', args.log)}: {output} (a panel each: {', '.join(panels)})")
     return output
 
 
