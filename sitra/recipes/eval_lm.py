@@ -1,14 +1,15 @@
 """Evaluate causal LMs side by side on held-out text: sliding-window perplexity, next-token
-accuracy@1 and @5, and LAMBADA-style last-word accuracy when a LAMBADA file is given. Ternary
-students load ternary, trained (config marker) or exported (packed file) alike, and the table
-shows each model's weight memory."""
+accuracy@1 and @5, and LAMBADA-style last-word accuracy when a LAMBADA file is given; with
+--lm_eval_tasks also lm-eval-harness tasks, in the same table. Ternary students load ternary,
+trained (config marker) or exported (packed file) alike, and the table shows each model's weight
+memory."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from sitra import data, models, results, runtime
-from sitra.args import PlaceArgs
+from sitra import data, lm_eval_tasks, models, results, runtime
+from sitra.args import PlaceArgs, check_values
 from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, lambada_accuracy, sliding_windows
@@ -22,7 +23,14 @@ class EvalLMArgs(TextDataArgs, PlaceArgs):
     models: list[str] = field(default_factory=list, metadata={"help": "causal LM folders or hub ids (also positional)"})
     stride: int | None = field(default=None, metadata={"help": "sliding-window stride (default: half of --max_seq_length)"})
     lambada_file: str | None = field(default=None, metadata={"help": "LAMBADA-style text, one passage a line; its last word is predicted"})
-    batch_size: int = field(default=8, metadata={"help": "windows per batch"})
+    batch_size: int = field(default=8, metadata={"help": "windows per batch (and lm-eval requests per batch)"})
+    lm_eval_tasks: str | None = field(default=None, metadata={
+        "help": "lm-eval-harness tasks, comma-separated (e.g. lambada_openai,hellaswag): their metrics join the table; "
+                "pip install 'sitra[lm_eval]'"})
+    lm_eval_limit: int | None = field(default=None, metadata={
+        "help": "examples per lm-eval task (the first N; for quick runs, not for reporting)", "bounds": {"min": 1}})
+    lm_eval_include: str | None = field(default=None, metadata={
+        "help": "folder of local lm-eval task YAML files, added to lm-eval's own tasks"})
     run_name: str = field(default="eval_lm", metadata={"not_part_of_run": True, "help": "name of the results file in eval_results/"})
 
 
@@ -37,6 +45,7 @@ def label(path: str) -> str:
 
 
 def run(args: EvalLMArgs) -> dict:
+    check_values(args)
     check_data_args(args)
     results.check_results_place(args)
     if not args.models:
@@ -49,6 +58,9 @@ def run(args: EvalLMArgs) -> dict:
     for m in args.models[1:]:
         if models.load_tokenizer(m, "--models").get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"--models {m}: its tokenizer differs from {args.models[0]}'s; the same tokens cannot be scored")
+    harness = None  # (task manager, tasks) when lm-eval tasks are asked for
+    if args.lm_eval_tasks is not None or args.lm_eval_include or args.lm_eval_limit:
+        harness = lm_eval_tasks.load_tasks(lm_eval_tasks.task_names(args.lm_eval_tasks or ""), args.lm_eval_include)
     _, eval_lines = data.load_texts(args.dataset_name, args.dataset_config, args.train_file, args.eval_file)
     stream = [t for block in data.causal_texts(data.take_fraction(eval_lines, args.percentage_data), tokenizer,
                                                args.max_seq_length, packing=True) for t in block]
@@ -64,8 +76,12 @@ def run(args: EvalLMArgs) -> dict:
         table[name]["weights_mib"] = weight_bytes(model) / MIB
         if passages:
             table[name]["lambada_accuracy"] = lambada_accuracy(model, tokenizer, passages, device)
+        if harness:
+            table[name] |= lm_eval_tasks.evaluate(model, tokenizer, *harness, args.lm_eval_limit, args.batch_size)
     log_path = Path(args.storage_directory) / "eval_results" / f"{args.run_name}.h5"
     with results.RunLog(log_path, JOB, args.run_name, results.config_dict(args)) as log:
+        if harness:
+            log.note(lm_eval_version=lm_eval_tasks.version())
         log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()})
     print(format_table(table))
     print(f"results: {log_path}")
