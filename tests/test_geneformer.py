@@ -2,16 +2,17 @@
 grouping, buckets, the masked KD loss, the distillation job, eval_quick and plot_training.
 
 Expected values come from plain Python written here (sorting per cell, loops over positions), never
-from the code under test. The .h5ad files are written with h5py in anndata's on-disk layout.
+from the code under test. The .h5ad files are written by anndata (tests/test_h5ad.py has scanpy-style
+files in anndata's current and old layouts).
 """
 import math
 import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -38,36 +39,23 @@ N_GENES = 200  # genes of the small test dictionaries: token ids 2..201, vocabul
 
 
 def write_h5ad(path, X, gene_ids, layout="csr", index_name="_index", extra_var=None, categorical=False):
-    """An .h5ad as anndata writes it: X dense or a csr/csc group, var with its index column."""
+    """An .h5ad written by anndata: X dense or CSR or CSC, var indexed by the gene ids (index named
+    `index_name`), or with categorical=True the ids as a categorical var column `index_name`."""
+    import anndata
+    import pandas as pd
+
     X = np.asarray(X, dtype=np.float32)
-    strings = h5py.string_dtype()
-    with h5py.File(path, "w") as f:
-        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-        if layout == "dense":
-            f.create_dataset("X", data=X)
-        else:
-            m = (sp.csr_matrix if layout == "csr" else sp.csc_matrix)(X)
-            g = f.create_group("X")
-            g.attrs["encoding-type"], g.attrs["encoding-version"] = f"{layout}_matrix", "0.1.0"
-            g.attrs["shape"] = np.array(X.shape)
-            g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
-        var = f.create_group("var")
-        var.attrs["encoding-type"], var.attrs["_index"] = "dataframe", index_name
-        columns = dict(extra_var or {})
-        var.attrs["column-order"] = list(columns)
-        if categorical:
-            cats = sorted(set(gene_ids))
-            g = var.create_group(index_name)
-            g.attrs["encoding-type"] = "categorical"
-            g.create_dataset("categories", data=np.array(cats, dtype=object), dtype=strings)
-            g["codes"] = np.array([cats.index(x) for x in gene_ids], dtype=np.int32)
-        else:
-            var.create_dataset(index_name, data=np.array(gene_ids, dtype=object), dtype=strings)
-        for name, values in columns.items():
-            var.create_dataset(name, data=np.array(values, dtype=object), dtype=strings)
-        obs = f.create_group("obs")
-        obs.attrs["encoding-type"], obs.attrs["_index"] = "dataframe", "_index"
-        obs.create_dataset("_index", data=np.array([f"cell{i}" for i in range(X.shape[0])], dtype=object), dtype=strings)
+    matrix = {"dense": X, "csr": sp.csr_matrix(X), "csc": sp.csc_matrix(X)}[layout]
+    if categorical:
+        var = pd.DataFrame({index_name: pd.Categorical(gene_ids)}, index=[f"gene{k}" for k in range(len(gene_ids))])
+    else:
+        var = pd.DataFrame(index=pd.Index(gene_ids, name=None if index_name == "_index" else index_name))
+    for name, values in dict(extra_var or {}).items():
+        var[name] = values
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(X.shape[0])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate gene ids are written on purpose
+        anndata.AnnData(X=matrix, obs=obs, var=var).write_h5ad(path)
     return str(path)
 
 
@@ -227,10 +215,11 @@ def test_gene_id_column_categorical_and_duplicates(tmp_path, dictionaries):
 
 
 def test_dictionary_without_the_files_id_format_is_a_one_line_error(tmp_path, dictionaries, capsys):
-    """Gene symbols in var while the dictionaries hold Ensembl ids: one line naming the flag."""
+    """Mouse Ensembl ids while the dictionaries hold human ones: one line naming the flag; gene
+    symbols: one line saying a symbol dictionary is needed."""
     X = programme_counts(5, 10, seed=0)
-    h5ad = write_h5ad(tmp_path / "sym.h5ad", X, [f"GENE{k}" for k in range(10)])
-    with pytest.raises(UsageError, match=r"--gene_id_column _index: none of the 10 gene ids .*GENE0.*ENSG"):
+    h5ad = write_h5ad(tmp_path / "mouse.h5ad", X, [f"ENSMUSG{k:011d}" for k in range(10)])
+    with pytest.raises(UsageError, match=r"--gene_id_column _index: none of the 10 gene ids .*ENSMUSG00000000000.*ENSG"):
         tokenize(h5ad, tmp_path / "out", dictionaries)
     with pytest.raises(SystemExit) as exit_:  # what jobs/tokenize_cells.py does
         main(tokenize_cells.TokenizeCellsArgs, tokenize_cells.run, argv=[
@@ -239,6 +228,9 @@ def test_dictionary_without_the_files_id_format_is_a_one_line_error(tmp_path, di
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "error: --gene_id_column _index: none of the 10" in err
     assert not (tmp_path / "o").exists()
+    symbols = write_h5ad(tmp_path / "sym.h5ad", X, [f"GENE{k}" for k in range(10)])
+    with pytest.raises(UsageError, match=r"--gene_name_dictionary is needed: the gene ids in var/_index look like symbols \(GENE0"):
+        tokenize(symbols, tmp_path / "out", dictionaries)
     with pytest.raises(UsageError, match="--gene_id_column symbol: var of .* has no such column"):
         tokenize(h5ad, tmp_path / "out", dictionaries, gene_id_column="symbol")
     (tmp_path / "list.pkl").write_bytes(pickle.dumps(["ENSG1"]))
