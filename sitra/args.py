@@ -177,7 +177,7 @@ class StudentInitArgs:
     """Where a distilled student starts. A job redeclares `student_init` with student_init_field
     (the starts it can build) and `student` where it has a default student."""
     student: str | None = field(default=None, metadata={
-        "help": "the model the student starts from: a folder or hub id (pretrained, config and auto starts)"})
+        "help": "the model the student starts from: a folder, hub id or .gguf file (pretrained, config and auto starts)"})
     student_init: str = student_init_field("pretrained", "pretrained", "teacher_layers")
     student_layers: int | None = field(default=None, metadata={
         "help": "layers of a student made from the teacher (teacher_layers, random; default: half the teacher's)"})
@@ -229,8 +229,16 @@ class StudentBlockArgs:
     block_dropout: float = field(default=0.1, metadata={"help": "attention dropout of the student block"})
 
 
+# configs whose models sitra.models.bert can splice student blocks and merged layers into
+BLOCK_TEACHERS = ("bert", "sitra_bert")
+
+
 def check_student_block(args: StudentBlockArgs, config, needs_successor: bool = False) -> tuple[int, int]:
-    """(heads, d_k) after checking --block, --block_heads, --block_d_k and --block_dropout."""
+    """(heads, d_k) after checking the teacher's kind, --block, --block_heads, --block_d_k and
+    --block_dropout."""
+    if config.model_type not in BLOCK_TEACHERS:
+        raise UsageError(f"--teacher: a {config.model_type} model; block and merge jobs retrain the attention blocks "
+                         f"of BERT encoders ({', '.join(BLOCK_TEACHERS)}); distil a causal LM with distill_pythia")
     check_block(args.block, config.num_hidden_layers, needs_successor=needs_successor)
     if not 0 <= args.block_dropout < 1:
         raise UsageError(f"--block_dropout {args.block_dropout}: must be in [0, 1)")

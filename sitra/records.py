@@ -135,8 +135,9 @@ def card_line(rec: "TeacherRecords", where: str, drawn: str = "tokens") -> str:
         held = f"all its {rec.vocab} log-probabilities"
     else:
         held = f"its top-{rec.k} log-probabilities and the missing mass"
+    weights = f" Its weights were {rec.identity['teacher_weights']}." if rec.identity.get("teacher_weights") else ""
     return (f"Teacher: recorded once by `jobs/record_teacher.py` in `{rec.folder}` ({held}, at temperature "
-            f"{rec.identity['settings']['--temperature']:g}) at {where}; the teacher was never loaded while training.")
+            f"{rec.identity['settings']['--temperature']:g}) at {where}; the teacher was never loaded while training.{weights}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,3 +165,18 @@ def test_students_start_from_one_shared_group(job):
     if bogus:
         with pytest.raises(SystemExit):
             cli.parse(args_class, ["--student_init", bogus])
+
+
+@pytest.mark.parametrize("job", ["retrain_single_block", "retrain_merge", "train_block_till_end"])
+def test_block_jobs_refuse_a_causal_teacher_in_one_line(job, tmp_path, capsys):
+    """A causal LM has no BERT attention blocks to replace: one line, exit 2, before any weights
+    load (the folder holds only a config, so loading weights would fail otherwise)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
+    module = job_module(job)
+    with pytest.raises(SystemExit) as e:
+        cli.main(module.ARGS, module.run, ["--teacher", str(tmp_path), "--block", "0", "--storage_directory", str(tmp_path / "s")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher: a llama model" in err[0] and "bert" in err[0]

@@ -37,11 +37,12 @@ def vocab(lms) -> int:
 
 
 def never_load_the_teacher(monkeypatch, teacher: str):
-    """Loading any model through sitra.models, or the teacher's config or tokenizer, fails."""
+    """Loading the teacher through sitra.models (its weights, config or tokenizer) fails."""
     def refuse(name, *a, **kw):
         raise AssertionError(f"{name} was loaded")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(models, "load_model", lambda what, *a, real=models.load_model, **kw:
+                        refuse(what) if what == teacher else real(what, *a, **kw))
     for name in ("load_config", "load_tokenizer"):
         real = getattr(models, name)
         monkeypatch.setattr(models, name, lambda what, *a, real=real, **kw: refuse(what) if what == teacher else real(what, *a, **kw))

@@ -37,6 +37,22 @@ def save_model_folder(model, tokenizer, output: Path, job: str, own: bool = Fals
     return write_folder(output, job, fill, own=own)
 
 
+BEFORE = "student_before"
+
+
+def save_student_before(student, tokenizer, run_dir: Path, job: str, about: str) -> Path:
+    """The student as training starts, as a model folder beside the result (RUN/student_before),
+    so teacher, student before and distilled student compare in one evaluation command. Written
+    once, whole (renamed into place), when the run folder has none: a resumed run keeps the one
+    its first start wrote. Call it before the loop restores any trained weights. `about`: one
+    line for its README.md (how the student was initialised)."""
+    output = Path(run_dir) / BEFORE
+    if not output.exists():
+        readme = f"# Student before distillation\n\n{about}\n\nThe distilled student of the same run is `../model`.\n"
+        save_model_folder(student, tokenizer, output, job, own=True, files={"README.md": readme})
+    return output
+
+
 @torch.inference_mode()
 def outputs_equal(a, b, seed: int = 0) -> bool:
     """Same outputs on a random padded batch (eval mode)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from sitra import data, losses, models, records, results, runtime
 from sitra.args import (
@@ -20,7 +20,7 @@ from sitra.args import (
     check_kd,
     student_init_field,
 )
-from sitra.cards import data_description, optimiser_line, write_card
+from sitra.cards import data_description, gguf_lines, kept_layers_line, optimiser_line, seen_in_training, write_card
 from sitra.data.tasks import (
     ClassifierDataArgs,
     check_classifier_data,
@@ -31,9 +31,9 @@ from sitra.data.tasks import (
 from sitra.errors import UsageError
 from sitra.evaluate import classifier_table, flat, format_table, validation_scores
 from sitra.models import lowbit
-from sitra.models.assembly import load_weights, save_model_folder
-from sitra.models.causal import student_from_teacher_layers
-from sitra.models.teacher import TOKENIZER_FILES, declared_labels, is_classifier
+from sitra.models.assembly import load_weights, save_model_folder, save_student_before
+from sitra.models.causal import student_from_teacher_layers, teacher_layer_indices
+from sitra.models.teacher import TOKENIZER_FILES, declared_labels, is_classifier, is_gguf
 from sitra.train import TrainArgs, check_train_args, train
 
 JOB = "distill_classifier"
@@ -57,7 +57,7 @@ def student_source(args) -> str:
     if not args.student:
         return "teacher_layers"
     folder = Path(args.student)
-    if folder.is_dir() and not any((folder / f).exists() for f in WEIGHT_FILES):
+    if folder.is_dir() and not is_gguf(args.student) and not any((folder / f).exists() for f in WEIGHT_FILES):
         return "config"
     return "pretrained"
 
@@ -157,7 +157,7 @@ def id2label_of(config) -> dict:
 
 
 def has_tokenizer(name: str) -> bool:
-    return any((Path(name) / f).exists() for f in TOKENIZER_FILES) if Path(name).is_dir() else True
+    return any((Path(name) / f).exists() for f in TOKENIZER_FILES) if Path(name).is_dir() and not is_gguf(name) else True
 
 
 def classification_kd_loss(student_logits, teacher, labels, objective: dict, loss_name: str):
@@ -173,9 +173,12 @@ def make_student(args, source: str, layers: int, teacher, id2label: dict, device
     if source == "teacher_layers":
         student = student_from_teacher_layers(teacher, layers)
     elif source == "pretrained":
-        student = AutoModelForSequenceClassification.from_pretrained(args.student, dtype=torch.float32, **labels)
+        student = models.load_model(args.student, flag="--student", auto=AutoModelForSequenceClassification, trainable=True,
+                                    dtype=torch.float32, **labels)
     else:
-        config = AutoConfig.from_pretrained(args.student, **labels)
+        config = models.load_config(args.student, "--student")
+        for key, value in labels.items():
+            setattr(config, key, value)
         student = AutoModelForSequenceClassification.from_config(config)
     for p in student.parameters():
         p.requires_grad_(True)
@@ -196,6 +199,7 @@ def run(args: DistillClassifierArgs):
     check_padding(student_tok, "--student", args.student)
     batches = classification_batches(splits, id2label, student_tok, args.max_seq_length, args.batch_size, args.seed,
                                      None if same_tokens else teacher_tok)
+    train_lengths = [len(e[0]) for e in batches["train"].examples]  # in the student's tokens
     if rec:
         plain = batches["train"]
         rec.check_data("train", teacher_examples(plain.examples), "training examples")
@@ -212,6 +216,11 @@ def run(args: DistillClassifierArgs):
         teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForSequenceClassification)
     student = make_student(args, source, layers, teacher, id2label, device)
     before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
+    kept = teacher_layer_indices(teacher_config.num_hidden_layers, layers) if source == "teacher_layers" else None
+    init = {"teacher_layers": f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers "
+                              f"({', '.join(map(str, kept or []))}; every k-th, as DistilBERT)",
+            "pretrained": f"`{args.student}`", "config": f"random weights of `{args.student}`'s config"}[source]
+    before_folder = save_student_before(before, student_tok, run_.checkpoint_dir, JOB, f"Initialised from {init}.")
     if teacher is not None:
         held_out = ({"input_ids": b[f"{prefix}input_ids"], "attention_mask": b[f"{prefix}attention_mask"]}
                     for b in batches["validation"].epoch(0))  # in the teacher's tokens
@@ -240,8 +249,7 @@ def run(args: DistillClassifierArgs):
         table = classifier_table(compared | {"student before KD": (before, ""), "student after KD": (student, "")}, batches, device)
         log.complete(flat(table) | {"best_step": progress.best_step} | {f"lowbit/{k}": v for k, v in teacher_info.items()})
     text = format_table(table, gap=("student after KD", "student before KD"))
-    init = {"teacher_layers": f"{layers} of the teacher's {teacher_config.num_hidden_layers} layers (every k-th, as DistilBERT)",
-            "pretrained": f"`{args.student}`", "config": f"random weights of `{args.student}`'s config"}[source]
+    seen = seen_in_training(batches["train"], progress, train_lengths)
     write_card(output, JOB, args, f"Distilled student of {args.teacher}",
                [f"Made with sitra's `{JOB}` job: knowledge distillation of the classifier `{args.teacher}` into a "
                 f"{student.config.num_hidden_layers}-layer student initialised from {init}."],
@@ -249,11 +257,14 @@ def run(args: DistillClassifierArgs):
                 *([records.card_line(rec, "every training example (no teacher column below)", "labels")] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the best validation {args.select_on} (step {progress.best_step}); the test split, where given, "
-                "is evaluated once with it", *lowbit.card_lines(output, ternary, teacher_info)],
-               data_description(args, len(batches["train"].examples), splits),
+                "is evaluated once with it", *([kept_layers_line(kept, teacher_config.num_hidden_layers)] if kept else []),
+                *gguf_lines(args, ("teacher",) * (rec is None) + ("student",) * (source != "teacher_layers")),
+                *lowbit.card_lines(output, ternary, teacher_info)],
+               data_description(args, len(batches["train"].examples), splits, seen),
                f"Results ({', '.join(table)}; examples/s timed in the same run)", text)
     print(text)
     print(f"distilled student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
+    print(f"student before distillation: {before_folder}")
     return run_
 
 

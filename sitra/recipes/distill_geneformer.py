@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from sitra import losses, models, records, results, runtime
+from sitra import cards, losses, models, records, results, runtime
 from sitra.args import KDArgs, RecordsArgs, check_kd, kd_field
 from sitra.cli import command_line
 from sitra.data.cells import (
@@ -24,12 +24,13 @@ from sitra.data.cells import (
     check_cell_data,
     eval_cell_batches,
     masking,
+    values_line,
 )
 from sitra.data.mlm import Batches, MLMCollator
 from sitra.errors import UsageError
 from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
 from sitra.models import lowbit
-from sitra.models.assembly import load_weights, save_model_folder
+from sitra.models.assembly import load_weights, save_model_folder, save_student_before
 from sitra.models.causal import LAYER_KEY, teacher_layer_indices
 from sitra.train import SCHEDULERS, TrainArgs, check_train_args, train
 
@@ -275,9 +276,14 @@ def run(args: DistillGeneformerArgs):
         # an 8-bit teacher is loaded on the CPU in full precision, so a student can copy its layers first
         teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, mlm=True)
     student = BertForMaskedLM(config).to(device)
+    start = None  # (teacher layers kept, tensors copied, student tensors, teacher layers) where it starts from the teacher
     if args.init_from_teacher:
         keep, copied, total = init_from_teacher(student, teacher)
+        start = keep, copied, total, teacher.config.num_hidden_layers
         print(f"student starts from teacher layers {keep}: {copied} of {total} tensors copied")
+    before = save_student_before(student, None, run_.checkpoint_dir, JOB, "Initialised from " + (
+        f"teacher layers {', '.join(map(str, start[0]))} where shapes match ({start[1]} of {start[2]} tensors copied)"
+        if start else f"random weights (seed {args.seed})") + ".")
     if teacher is not None:
         teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
     ternary = lowbit.prepare_student(student, args)
@@ -339,12 +345,14 @@ def run(args: DistillGeneformerArgs):
             final["distinct_shapes"] = len(shapes)
             print(f"the compiled student saw {len(shapes)} distinct batch shapes")
         output = run_.checkpoint_dir / "model"
-        card = model_card(args, table, config, len(train_cells), len(eval_cells),
+        seen = cards.seen_in_training(train_batches, progress, train_cells.lengths)
+        card = model_card(args, table, config, len(train_cells), len(eval_cells), seen, start,
                           teacher_lines(rec) + lowbit.card_lines(output, ternary, teacher_info))
         save_model_folder(student, None, output, JOB, own=True, files={"README.md": card})
         log.complete(final)
     print(format_table(table, gap=gap(table)))
     print(f"student: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
+    print(f"student before distillation: {before}")
     return run_
 
 
@@ -360,7 +368,22 @@ def teacher_lines(rec: records.TeacherRecords | None) -> list[str]:
     return [records.card_line(rec, f"every masked gene, with the masks of {epochs} training epoch{'s' if epochs > 1 else ''}", "genes")]
 
 
-def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n_eval: int, low_bit: list[str] = ()) -> str:
+def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n_eval: int, seen: dict,
+               start: tuple | None = None, low_bit: list[str] = ()) -> str:
+    """README.md of the student: what it is, how it was trained, on which cells (and how many it
+    read), what it kept of the teacher, its validation results and the command."""
+    data_lines = [
+        f"Data: {args.data}: {n_train:,} training cells, {n_eval:,} validation cells "
+        f"(split seed {args.split_seed}), {'length-grouped' if args.group_by_length else 'random'} batches",
+        cards.seen_line(seen, "cells"),
+        f"Held-out: the {n_eval:,} validation cells (never trained on), with the same masks for every model and evaluation",
+    ]
+    if values_line(args.data):
+        data_lines.append(values_line(args.data))
+    if start:
+        keep, copied, total, teacher_layers = start
+        data_lines.append(f"{cards.kept_layers_line(keep, teacher_layers)}; {copied} of the student's {total} tensors "
+                          "copied from the teacher where shapes match")
     lines = [
         f"# Distilled Geneformer student of {args.teacher}", "",
         f"Made with sitra's `{JOB}` job: a BertForMaskedLM with {config.num_hidden_layers} layers, hidden size "
@@ -373,9 +396,7 @@ def model_card(args: DistillGeneformerArgs, table: dict, config, n_train: int, n
         f"- Optimiser: AdamW, lr {args.lr}, weight decay {args.adam_weight_decay}, warm-up {args.warmup_steps} steps, "
         f"{args.lr_scheduler} schedule, clipping {args.max_grad_norm}, batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps}, {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
-        f"- Data: {args.data}: {n_train:,} training cells, {n_eval:,} validation cells "
-        f"(split seed {args.split_seed}), {'length-grouped' if args.group_by_length else 'random'} batches",
-        *(f"- {line}" for line in low_bit), "",
+        *(f"- {line}" for line in data_lines + list(low_bit)), "",
         "## Results (validation cells, the same masks for both models)" if gap(table) else "## Results (validation cells)", "",
         format_table(table, gap=gap(table)), "",
         "## Reproduce", "", "```bash", command_line(f"jobs/{JOB}.py", args), "```", "",

@@ -3,6 +3,7 @@ shares a tokenizer): L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight
 objective of every job, sitra.losses.distill_loss), with D from the loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
 8-bit teacher, a teacher recorded once (--teacher_logits), on-policy batches, and a model card."""
 import copy
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from sitra import data, losses, models, records, results, runtime
+from sitra import cards, data, losses, models, records, results, runtime
 from sitra.args import (
     KDArgs,
     RecordsArgs,
@@ -20,11 +21,11 @@ from sitra.args import (
     student_init_field,
 )
 from sitra.cli import command_line
-from sitra.data.text import TextDataArgs, check_data_args
+from sitra.data.text import BUILTIN, TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
 from sitra.models import lowbit
-from sitra.models.assembly import load_weights, save_model_folder
+from sitra.models.assembly import load_weights, save_model_folder, save_student_before
 from sitra.models.capture import qkv_hooks
 from sitra.models.causal import (
     final_hidden,
@@ -34,6 +35,7 @@ from sitra.models.causal import (
     sample_continuations,
     shared_vocab,
     student_from_teacher_layers,
+    teacher_layer_indices,
 )
 from sitra.train import TrainArgs, check_train_args, held_out_mean, train
 
@@ -42,8 +44,8 @@ JOB = "distill_pythia"
 
 @dataclass(kw_only=True)
 class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
-    teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id or local folder"})
-    student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "the model the student starts from (--student_init pretrained)"})
+    teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id, local folder or .gguf file (de-quantised on load)"})
+    student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "the model the student starts from (--student_init pretrained): hub id, folder or .gguf file"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = student_init_field("pretrained", "pretrained", "teacher_layers", "random")
     hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state term"})
     hidden_loss: Literal["mse", "cosine"] = field(default="mse", metadata={"help": "hidden-state term: MSE or cosine distance"})
@@ -190,7 +192,7 @@ def teacher_pass(args: DistillLMArgs) -> records.TeacherPass:
 
 def make_student(args: DistillLMArgs, teacher, setup: Setup, device):
     if args.student_init == "pretrained":
-        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        student = models.load_model(args.student, flag="--student", auto=AutoModelForCausalLM, trainable=True, dtype=torch.float32)
     elif args.student_init == "teacher_layers":
         student = student_from_teacher_layers(teacher, setup.n_student)
     else:
@@ -223,7 +225,8 @@ def run(args: DistillLMArgs):
     train_batches = data.Batches(train_examples, args.batch_size, train_collate, seed=args.seed)
     eval_batches = data.Batches(eval_examples, args.batch_size, eval_collate, seed=args.seed, shuffle=False)
     stream = [t for block in eval_ids for t in block]
-    windows = sliding_windows(stream, args.max_seq_length, args.eval_stride or max(1, args.max_seq_length // 2))
+    stride = args.eval_stride or max(1, args.max_seq_length // 2)
+    windows = sliding_windows(stream, args.max_seq_length, stride)
     name = (f"{JOB}_{args.student_init}_{args.loss}_{args.weights_name()}_T{args.temperature:g}" + ("_packed" if args.packing else "")
             + lowbit.name_suffix(args)
             + records.name_suffix(rec) + (f"_onpolicy{args.on_policy_fraction:g}" if args.on_policy_fraction else ""))
@@ -236,6 +239,9 @@ def run(args: DistillLMArgs):
         # weights first, then its linear layers go to `device` in 8 bits one at a time
         teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
     student = make_student(args, teacher, setup, device)
+    kept = (teacher_layer_indices(setup.teacher_config.num_hidden_layers, setup.n_student)
+            if args.student_init == "teacher_layers" else None)
+    before = save_student_before(student, tokenizer, run_.checkpoint_dir, JOB, f"Initialised from {student_start(args, setup, kept)}.")
     if teacher is not None:
         teacher_info = lowbit.quantize_teacher(teacher, device, args, eval_batches.epoch(0))
     base_metrics = evaluate_lm(student.eval(), windows, device, args.batch_size)
@@ -258,9 +264,12 @@ def run(args: DistillLMArgs):
         table, final = results_table(args, teacher, student, base_metrics, windows, device)
         log.complete({f"{n}/{k}": v for n, m in table.items() for k, v in m.items()} | {"best_step": progress.best_step}
                      | {f"lowbit/{k}": v for k, v in teacher_info.items()})
-        write_model_card(output, args, table, setup.n_student, len(train_ids), ternary, teacher_info, rec)
+        seen = cards.seen_in_training(train_batches, progress, [len(x) for x in train_ids])
+        held_out = f"{held_out_source(args)}: {len(stream) - 1:,} tokens scored, sliding windows of {args.max_seq_length} (stride {stride})"
+        write_model_card(output, args, table, setup, len(train_ids), seen, held_out, kept, ternary, teacher_info, rec)
     print(format_table(table, gap=(final, "student base")))
     print(f"distilled student: {output} (model card: {output / 'README.md'})")
+    print(f"teacher, student before and distilled student: python jobs/eval_lm.py {shlex.join(map(str, [args.teacher, before, output]))}")
     return run_
 
 
@@ -383,15 +392,38 @@ def results_table(args: DistillLMArgs, teacher, student, base_metrics: dict, win
     return table, final
 
 
-def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: int, n_examples: int,
-                     ternary: list[str] = (), teacher_info: dict | None = None, rec: records.TeacherRecords | None = None):
-    """README.md in the model folder: method, loss, hyperparameters, data, metrics, command."""
+def student_start(args: DistillLMArgs, setup: Setup, kept: list[int] | None) -> str:
+    """How the student was initialised, in words."""
+    if args.student_init == "pretrained":
+        return f"`{args.student}` (pretrained)"
+    if args.student_init == "teacher_layers":
+        return f"{len(kept)} of the teacher's {setup.teacher_config.num_hidden_layers} layers ({', '.join(map(str, kept))})"
+    return f"random weights, the teacher's config with {setup.n_student} layers (seed {args.seed})"
+
+
+def held_out_source(args: DistillLMArgs) -> str:
+    """The held-out text, as sitra.data.text.load_texts chooses it (never trained on)."""
+    if args.eval_file:
+        return args.eval_file
+    if args.train_file:
+        return f"every tenth line of {args.train_file} (left out of training)"
+    if args.dataset_name == BUILTIN:
+        return f"every tenth paragraph of {BUILTIN} (left out of training)"
+    return f"{args.dataset_name} ({args.dataset_config}), validation split (test where it has none)"
+
+
+def write_model_card(folder: Path, args: DistillLMArgs, table: dict, setup: Setup, n_examples: int, seen: dict,
+                     held_out: str, kept: list[int] | None = None, ternary: list[str] = (), teacher_info: dict | None = None,
+                     rec: records.TeacherRecords | None = None):
+    """README.md in the model folder: method, loss, hyperparameters, data (what training read of it,
+    the held-out text), metrics, command."""
     data_source = args.train_file or f"{args.dataset_name} ({args.dataset_config})"
+    share = f", the {args.percentage_data:.0%} of it --percentage_data keeps" if args.percentage_data < 1 else ""
     command = command_line(f"jobs/{JOB}.py", args)
     lines = [
         f"# Distilled student of {args.teacher}", "",
         f"Made with sitra's `{JOB}` job: knowledge distillation of the causal LM `{args.teacher}` into a "
-        f"{n_student}-layer student ({args.student_init}" + (f" from `{args.student}`" if args.student_init == "pretrained" else "") + ").", "",
+        f"{setup.n_student}-layer student initialised from {student_start(args, setup, kept)}.", "",
         "## Method", "",
         f"- Loss: {args.describe('next tokens')}"
         + (f"; plus {args.hidden_weight} x hidden-state {args.hidden_loss} on layers {args.layer_map or 'last:last'}" if args.hidden_weight else "")
@@ -400,8 +432,12 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, n_student: 
         f"- Optimiser: AdamW, lr {args.lr}, weight decay {args.adam_weight_decay}, warm-up {args.warmup_steps} steps, "
         f"{args.lr_scheduler} schedule, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation, "
         f"{args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
-        f"- Data: {data_source}, {args.percentage_data:.0%} of it, {n_examples} training examples of up to "
+        f"- Data: {data_source}{share}: {n_examples:,} training examples of up to "
         f"{args.max_seq_length} tokens, {'packed' if args.packing else 'padded/truncated'}",
+        f"- {cards.seen_line(seen)}",
+        f"- Held-out: {held_out}",
+        *([f"- {cards.kept_layers_line(kept, setup.teacher_config.num_hidden_layers)}"] if kept else []),
+        *(f"- {line}" for line in cards.gguf_lines(args, ("teacher",) * (rec is None) + ("student",) * (args.student_init == "pretrained"))),
         *teacher_lines(args, rec), *low_bit_lines(folder, ternary, teacher_info or {}), "",
         "## Results (held-out text, sliding-window perplexity)", "",
         format_table(table), "",

@@ -21,18 +21,19 @@ from sitra.args import (
     check_kd,
     student_init_field,
 )
-from sitra.cards import data_description, optimiser_line, write_card
+from sitra.cards import data_description, gguf_lines, kept_layers_line, optimiser_line, seen_in_training, write_card
 from sitra.data import tasks
 from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
 from sitra.errors import UsageError
 from sitra.evaluate import flat, format_table, generate_summaries, rouge, rouge_config
 from sitra.models import lowbit
-from sitra.models.assembly import load_weights, save_model_folder
+from sitra.models.assembly import load_weights, save_model_folder, save_student_before
 from sitra.models.causal import (
     final_hidden,
     lm_head,
     shared_vocab,
     student_from_teacher_layers,
+    teacher_layer_indices,
 )
 from sitra.train import TrainArgs, check_train_args, held_out_mean, train
 
@@ -58,8 +59,8 @@ class SummaryDataArgs(TaskDataArgs):
 @dataclass(kw_only=True)
 class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, 
-        "help": "causal LM (fine-tuned for the task) folder or hub id (or its records: --teacher_logits)"})
-    student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained)"})
+        "help": "causal LM (fine-tuned for the task): folder, hub id or .gguf file (or its records: --teacher_logits)"})
+    student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained): folder, hub id or .gguf file"})
     student_init: Literal["pretrained", "teacher_layers"] = student_init_field("pretrained", "pretrained", "teacher_layers")
     loss_chunks: int = field(default=4, metadata={"help": "summary positions are cut into this many pieces for the logit losses (1: plain)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
@@ -235,6 +236,7 @@ def run(args: DistillSummarizerArgs):
     examples = {split: summary_examples(pairs, split, tokenizer.eos_token_id) for split in LOSS_SPLITS}
     collate = tasks.SummaryCollator(tokenizer.pad_token_id)
     collates = dict.fromkeys(LOSS_SPLITS, collate)
+    train_lengths = [len(ids) for ids, _ in examples["train"]]
     if rec:
         rec.check_data("train", examples["train"], "training pairs")
         rec.check_data("validation", examples["validation"], "validation pairs")
@@ -255,13 +257,18 @@ def run(args: DistillSummarizerArgs):
         # an 8-bit teacher is loaded on the CPU in full precision, so a teacher_layers student can copy it first
         teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
     if args.student_init == "pretrained":
-        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        student = models.load_model(args.student, flag="--student", auto=AutoModelForCausalLM, trainable=True, dtype=torch.float32)
     else:
         student = student_from_teacher_layers(teacher, layers)
     student = student.to(device).train()
     for p in student.parameters():
         p.requires_grad_(True)
     before = copy.deepcopy(student).eval()  # "student before KD" stays full precision
+    kept = (teacher_layer_indices(setup.teacher_config.num_hidden_layers, layers)
+            if args.student_init == "teacher_layers" else None)
+    init = (f"{layers} of the teacher's {setup.teacher_config.num_hidden_layers} layers ({', '.join(map(str, kept))})"
+            if kept else f"`{args.student}`")
+    before_folder = save_student_before(before, tokenizer, run_.checkpoint_dir, JOB, f"Initialised from {init}.")
     teacher_info = lowbit.quantize_teacher(teacher, device, args, val_batches.epoch(0)) if teacher is not None else {}
     ternary = lowbit.prepare_student(student, args)
 
@@ -284,8 +291,7 @@ def run(args: DistillSummarizerArgs):
         log.complete(flat(table) | {"best_step": progress.best_step, "rouge_use_stemmer": 1.0}
                      | {f"lowbit/{k}": v for k, v in teacher_info.items()})
     text = format_table(table, gap=("student after KD", "student before KD"))
-    init = (f"{layers} of the teacher's {setup.teacher_config.num_hidden_layers} layers (every k-th)"
-            if args.student_init == "teacher_layers" else f"`{args.student}`")
+    seen = seen_in_training(train_batches, progress, train_lengths)
     n_rouge = {s: len(pick(pairs[s][0], args.generation_examples)) for s in ("validation", "test") if s in pairs}
     write_card(output, JOB, args, f"Distilled summarizer of {args.teacher}",
                [f"Made with sitra's `{JOB}` job: knowledge distillation of the causal LM `{args.teacher}` into a "
@@ -297,12 +303,16 @@ def run(args: DistillSummarizerArgs):
                 f"Optimiser: {optimiser_line(args)}",
                 f"Checkpoint: the lowest validation loss (step {progress.best_step})",
                 f"Evaluation: greedy generation, at most {args.max_new_tokens} new tokens; {rouge_config()}; "
-                + ", ".join(f"{n} {s} pairs" for s, n in n_rouge.items()), *lowbit.card_lines(output, ternary, teacher_info)],
-               data_description(args, len(train_batches.examples), pairs),
+                + ", ".join(f"{n} {s} pairs" for s, n in n_rouge.items()),
+                *([kept_layers_line(kept, setup.teacher_config.num_hidden_layers)] if kept else []),
+                *gguf_lines(args, ("teacher",) * (rec is None) + ("student",) * (args.student_init == "pretrained")),
+                *lowbit.card_lines(output, ternary, teacher_info)],
+               data_description(args, len(train_batches.examples), pairs, seen),
                "Results (ROUGE F-measure; examples/s of greedy generation in the same run)", text,
                extra=sample_lines(samples))
     print(text)
     print(f"distilled summarizer: {output} (model card: {output / 'README.md'}); log: {run_.log_path}")
+    print(f"student before distillation: {before_folder}")
     return run_
 
 

@@ -20,7 +20,7 @@ JOB = "eval_lm"
 
 @dataclass(kw_only=True)
 class EvalLMArgs(TextDataArgs, PlaceArgs):
-    models: list[str] = field(default_factory=list, metadata={"help": "causal LM folders or hub ids (also positional)"})
+    models: list[str] = field(default_factory=list, metadata={"help": "causal LM folders, hub ids or .gguf files (also positional)"})
     stride: int | None = field(default=None, metadata={"help": "sliding-window stride (default: half of --max_seq_length)"})
     lambada_file: str | None = field(default=None, metadata={"help": "LAMBADA-style text, one passage a line; its last word is predicted"})
     batch_size: int = field(default=8, metadata={"help": "windows per batch (and lm-eval requests per batch)"})

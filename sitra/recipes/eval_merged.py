@@ -45,6 +45,9 @@ def run(args: EvalMergedArgs) -> dict:
     for name, path in names.items():
         models.load_config(path, "--teacher" if name == "teacher" else "--models")
     tokenizer = models.load_tokenizer(args.teacher)
+    if tokenizer.mask_token_id is None:
+        raise UsageError(f"--teacher {args.teacher}: its tokenizer has no mask token; eval_merged compares masked language "
+                         "models (causal LMs, GGUF files among them: jobs/eval_lm.py)")
     for name, path in names.items():
         if name != "teacher" and models.load_tokenizer(path, "--models").get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"--models {path}: its tokenizer differs from the teacher's; the same masks cannot apply")

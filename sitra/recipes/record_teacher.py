@@ -30,6 +30,7 @@ from sitra.cli import fail
 from sitra.cli import main as job_main
 from sitra.data.mlm import example_generator
 from sitra.errors import UsageError
+from sitra.models.teacher import GGUF_NOTE, is_gguf
 from sitra.runtime import progress_bar
 
 JOB = "record_teacher"
@@ -116,10 +117,11 @@ def make_identity(args, teacher_pass: records.TeacherPass, teacher) -> dict:
         "parts": [{"split": split, "epoch": epoch, "examples": len(examples), "sha256": fingerprints[id(examples)]}
                   for split, epoch, examples in tp.parts],
         "data": tp.data,
+        **({"teacher_weights": GGUF_NOTE} if is_gguf(args.teacher) else {}),
     }
 
 
-FOR_PEOPLE = ("teacher", "data")
+FOR_PEOPLE = ("teacher", "data", "teacher_weights")  # not compared when a shard resumes
 
 
 def open_output(folder: Path, identity: dict, num_shards: int, teacher_pass: records.TeacherPass) -> dict:
