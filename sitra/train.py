@@ -299,8 +299,8 @@ class Student:
         self.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
 
-    def log_step(self, step: int, means: dict, grad_norm: float, tokens_per_s: float, tokens_per_s_total: float):
-        self.log.train(step, lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+    def log_step(self, step: int, means: dict, grad_norm: float, tokens: float, tokens_per_s: float, tokens_per_s_total: float):
+        self.log.train(step, lr=self.lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tokens_per_s,
                        tokens_per_s_total=tokens_per_s_total, **means)
         self.log.flush(durable=False)  # one appended line: a running job's log shows every step
         self.sums = {}
@@ -420,7 +420,7 @@ def _step_batches(batches, at: Progress, accum: int):
 
 def _log_step(students: list[Student], step: int, tokens: int, tick: float, stop: bool, device, bar) -> bool:
     """Log the step of every student: its loss parts (summed over micro-batches, then averaged over
-    processes), lr, grad norm and tokens/s. The values are read on the host here, once per step,
+    processes), lr, grad norm, the step's non-pad tokens (all processes) and tokens/s. The values are read on the host here, once per step,
     and all-reduced in one collective with the token count and the stop flag; returns whether any
     process asks to stop."""
     world = runtime.world_size()
@@ -434,7 +434,7 @@ def _log_step(students: list[Student], step: int, tokens: int, tick: float, stop
         means.append({k: v / world for k, v in zip(s.sums, flat)})  # the mean over processes
         flat = flat[len(s.sums):]
     for s, mean, norm in zip(students, means, norms):
-        s.log_step(step, mean, norm, tok_s, tok_s_total)
+        s.log_step(step, mean, norm, total_tokens, tok_s, tok_s_total)
     bar.update(1)
     bar.set_postfix(loss=f"{means[0]['loss']:.4g}", tok_s=f"{tok_s:.0f}",
                     **({"tok_s_total": f"{tok_s_total:.0f}"} if world > 1 else {}), refresh=False)

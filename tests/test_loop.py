@@ -194,7 +194,8 @@ def test_eval_and_save_cadence(tmp_path, monkeypatch, cadence, evals, saves):
     assert not (run.checkpoint_dir / "latest.next.pt").exists()
     assert log["attrs"]["fused_students"] == 1 and log["attrs"]["peak_memory_mb"] > 0
     train_rows = {k: v for k, v in log["train"].items()}
-    assert set(train_rows) == {"step", "loss", "mse", "pred_mean", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_total"}
+    assert set(train_rows) == {"step", "loss", "mse", "pred_mean", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_total"}
+    assert train_rows["tokens"].tolist() == [4 * 2 * 3] * 10  # batch x accumulation x the 3 tokens of each example
     assert train_rows["lr"][:3].tolist() == pytest.approx([0.0, 5e-3, 1e-2])  # warm-up: the step's lr before it moves
     assert (train_rows["tokens_per_s"] > 0).all()
 
