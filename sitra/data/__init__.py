@@ -4,9 +4,8 @@ from sitra.data.cells import (
     BucketedMLMCollator,
     CellExamples,
     H5ad,
-    LengthGroupedBatches,
     load_corpus,
     split_cells,
 )
-from sitra.data.mlm import Batches, MLMCollator, example_generator, pad, tokenize_lines
+from sitra.data.mlm import Batches, LengthGroupedBatches, MLMCollator, example_generator, pad, tokenize_lines
 from sitra.data.text import BUILTIN, load_texts, python_docs_paragraphs, take_fraction

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from sitra import runtime
-from sitra.data.mlm import Batches, MLMCollator, pad
+from sitra.data.mlm import Batches, LengthGroupedBatches, MLMCollator, pad, padding_fraction  # noqa: F401 (the samplers' old home)
 from sitra.errors import UsageError
 
 GENEFORMER_PAD_ID, GENEFORMER_MASK_ID = 0, 1  # Geneformer V1: <pad> = 0, <mask> = 1
@@ -520,53 +519,6 @@ def split_cells(dataset, validation_fraction: float, split_seed: int, max_eval_c
         val = val[:max_eval_cells]
     val = val[np.argsort(lengths[val], kind="stable")]
     return CellExamples(dataset, train, max_length), CellExamples(dataset, val, max_length)
-
-
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, epoch], spawn_key=(stream,)).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-class LengthGroupedBatches(Batches):
-    """Batches of cells of similar length, in random order: each epoch the cells are shuffled, cut
-    into mega-batches of `group_size` batches, each mega-batch is sorted by length and cut into
-    batches, and the full batches are shuffled (the last, partial batch stays last). The batch
-    holding the longest cell goes first, so a batch size that does not fit fails at once.
-
-    Only `order(epoch)` differs from `Batches`: resuming, masking and sharding work as there. When
-    `world` processes share each batch, a batch is the `batch_size * world` cells they share, so
-    every process gets cells of similar length.
-    """
-
-    def __init__(self, examples, batch_size: int, collate, lengths, seed: int = 0, group_size: int = 100, **kwargs):
-        super().__init__(examples, batch_size, collate, seed=seed, **kwargs)
-        self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
-        self.group_size = group_size
-
-    def order(self, epoch: int) -> torch.Tensor:
-        g = _generator(self.seed, epoch, 2)
-        size = self.batch_size * getattr(self, "world", 1)
-        perm = torch.randperm(len(self.lengths), generator=g)
-        groups = [m[torch.argsort(self.lengths[m], descending=True, stable=True)] for m in perm.split(self.group_size * size)]
-        batches = list(torch.cat(groups).split(size))
-        n_full = len(batches) if len(batches[-1]) == size else len(batches) - 1
-        full = [batches[i] for i in torch.randperm(n_full, generator=g).tolist()]
-        if full:
-            longest = max(range(len(full)), key=lambda b: int(self.lengths[full[b]].max()))
-            full[0], full[longest] = full[longest], full[0]
-        return torch.cat(full + batches[n_full:])
-
-
-def padding_fraction(order, lengths, batch_size: int, pad_to=None) -> float:
-    """Share of padding among all positions of an epoch's batches (`pad_to(longest)` gives the padded
-    length; default the longest cell of the batch)."""
-    lengths = np.asarray(lengths)[np.asarray(order)]
-    real = padded = 0
-    for b in range(0, len(lengths), batch_size):
-        part = lengths[b:b + batch_size]
-        T = pad_to(int(part.max())) if pad_to else int(part.max())
-        real, padded = real + int(part.sum()), padded + T * len(part)
-    return 1 - real / max(padded, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tokenising lines and BERT's masked-language-model masking, reproducible per example."""
 import copy
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -149,6 +150,72 @@ class Batches:
             idx = order[bounds[b]:bounds[b + 1]]
             idx = idx[self._slice(len(idx))].tolist()
             yield collate([self.examples[i] for i in idx], [example_generator(self.seed, epoch, i) for i in idx])
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch], spawn_key=(stream,)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class LengthGroupedBatches(Batches):
+    """Batches of examples of similar length, in random order: each epoch the examples are shuffled,
+    cut into mega-batches of `group_size` batches, each mega-batch is sorted by length and cut into
+    batches, and the full batches are shuffled (the last, partial batch stays last). The batch
+    holding the longest example goes first, so a batch size that does not fit fails at once.
+
+    Only `order(epoch)` differs from `Batches`: resuming, masking and sharding work as there. When
+    `world` processes share each batch, a batch is the `batch_size * world` examples they share, so
+    every process gets examples of similar length.
+    """
+
+    def __init__(self, examples, batch_size: int, collate, lengths, seed: int = 0, group_size: int = 100, **kwargs):
+        super().__init__(examples, batch_size, collate, seed=seed, **kwargs)
+        self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        self.group_size = group_size
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = _generator(self.seed, epoch, 2)
+        size = self.batch_size * getattr(self, "world", 1)
+        perm = torch.randperm(len(self.lengths), generator=g)
+        groups = [m[torch.argsort(self.lengths[m], descending=True, stable=True)] for m in perm.split(self.group_size * size)]
+        batches = list(torch.cat(groups).split(size))
+        n_full = len(batches) if len(batches[-1]) == size else len(batches) - 1
+        full = [batches[i] for i in torch.randperm(n_full, generator=g).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda b: int(self.lengths[full[b]].max()))
+            full[0], full[longest] = full[longest], full[0]
+        return torch.cat(full + batches[n_full:])
+
+
+def padding_fraction(order, lengths, batch_size: int, pad_to=None) -> float:
+    """Share of padding among all positions of an epoch's batches (`pad_to(longest)` gives the padded
+    length; default the longest example of the batch)."""
+    lengths = np.asarray(lengths)[np.asarray(order)]
+    real = padded = 0
+    for b in range(0, len(lengths), batch_size):
+        part = lengths[b:b + batch_size]
+        T = pad_to(int(part.max())) if pad_to else int(part.max())
+        real, padded = real + int(part.sum()), padded + T * len(part)
+    return 1 - real / max(padded, 1)
+
+
+@dataclass(kw_only=True)
+class LengthGroupingArgs:
+    """How training batches are drawn: length-grouped (little padding) or uniformly at random."""
+    group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (--no_group_by_length: random)"})
+    length_group_size: int = field(default=100, metadata={"help": "batches per length-sorted mega-batch"})
+
+
+def check_length_grouping(args: LengthGroupingArgs):
+    if args.length_group_size < 1:
+        raise UsageError(f"--length_group_size {args.length_group_size}: must be at least 1")
+
+
+def training_batches(args: LengthGroupingArgs, examples, batch_size: int, collate, lengths, seed: int) -> Batches:
+    """The training batches --group_by_length asks for: `lengths` are the examples' token counts."""
+    if args.group_by_length:
+        return LengthGroupedBatches(examples, batch_size, collate, lengths, seed=seed, group_size=args.length_group_size)
+    return Batches(examples, batch_size, collate, seed=seed)
 
 
 def text_batches(args: TextDataArgs, tokenizer, batch_size: int, seed: int, need_train: bool = True):

@@ -19,14 +19,13 @@ from sitra.cli import command_line
 from sitra.data.cells import (
     BucketedMLMCollator,
     CellDataArgs,
-    LengthGroupedBatches,
     bucket_sizes,
     check_cell_data,
     eval_cell_batches,
     masking,
     values_line,
 )
-from sitra.data.mlm import Batches, MLMCollator
+from sitra.data.mlm import Batches, LengthGroupingArgs, MLMCollator, check_length_grouping, training_batches
 from sitra.errors import UsageError
 from sitra.evaluate import MLMMetrics, evaluate_mlm, format_table, masked_logits
 from sitra.models import lowbit
@@ -58,7 +57,7 @@ class GeneIds:
 
 
 @dataclass(kw_only=True)
-class DistillGeneformerArgs(TrainArgs, CellDataArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
+class DistillGeneformerArgs(TrainArgs, CellDataArgs, LengthGroupingArgs, KDArgs, RecordsArgs, lowbit.LowBitArgs):
     ALPHA_MEANING = "kd"
     KD_DEFAULTS = (0.65, 1 - 0.65)
 
@@ -73,8 +72,6 @@ class DistillGeneformerArgs(TrainArgs, CellDataArgs, KDArgs, RecordsArgs, lowbit
     init_from_teacher: bool = field(default=False, metadata={
         "help": "start from every k-th teacher layer and its embeddings and head (needs the teacher's hidden size)"})
     temperature: float = kd_field("temperature", 2.5)
-    group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (--no_group_by_length: random)"})
-    length_group_size: int = field(default=100, metadata={"help": "batches per length-sorted mega-batch"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the student, padding batches to a few bucket lengths"})
     bucket_sizes: list[int] = field(default_factory=list, metadata={
         "help": "padded lengths with --compile (default: 8 evenly spaced up to the teacher's max length)"})
@@ -118,8 +115,7 @@ def check(args: DistillGeneformerArgs) -> Setup:
     config = teacher_config(args, rec)
     student = student_config(config, args)
     lowbit.check_student_modules(student, args, AutoModelForMaskedLM)
-    if args.length_group_size < 1:
-        raise UsageError(f"--length_group_size {args.length_group_size}: must be at least 1")
+    check_length_grouping(args)
     if args.bucket_sizes and not args.compile:
         raise UsageError("--bucket_sizes only applies with --compile")
     too_long = [b for b in args.bucket_sizes if not 1 <= b <= config.max_position_embeddings]
@@ -266,11 +262,7 @@ def run(args: DistillGeneformerArgs):
         kd_batches = Batches(records.Indexed(eval_cells), args.batch_size, shuffle=False, seed=args.seed,
                              collate=records.RecordCollator(eval_batches.collate, rec, masked_positions, rec.offsets("validation")))
     train_examples = records.Indexed(train_cells) if rec else train_cells
-    if args.group_by_length:
-        train_batches = LengthGroupedBatches(train_examples, args.batch_size, collate, train_cells.lengths,
-                                             seed=args.seed, group_size=args.length_group_size)
-    else:
-        train_batches = Batches(train_examples, args.batch_size, collate, seed=args.seed)
+    train_batches = training_batches(args, train_examples, args.batch_size, collate, train_cells.lengths, args.seed)
     name = (f"{JOB}_h{config.hidden_size}_l{config.num_hidden_layers}_{args.weights_name()}_T{args.temperature:g}" + lowbit.name_suffix(args)
             + records.name_suffix(rec))
     run_ = results.open_run(args, name)

@@ -1,6 +1,6 @@
 """Distil a causal LM into a smaller one (Pythia-160m -> Pythia-70m by default; any pair that
 shares a tokenizer): L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE (the one
-objective of every job, sitra.losses.distill_loss), with D from the loss menu, optional hidden-state terms, packed or padded text, a ternary (1.58-bit) student or an
+objective of every job, sitra.losses.distill_loss), with D from the loss menu, optional hidden-state terms, length-grouped (default) or packed text, a ternary (1.58-bit) student or an
 8-bit teacher, a teacher recorded once (--teacher_logits), on-policy batches, and a model card."""
 import copy
 import shlex
@@ -21,6 +21,7 @@ from sitra.args import (
     student_init_field,
 )
 from sitra.cli import command_line
+from sitra.data.mlm import LengthGroupingArgs, check_length_grouping, training_batches
 from sitra.data.text import BUILTIN, TextDataArgs, check_data_args
 from sitra.errors import UsageError
 from sitra.evaluate import evaluate_lm, format_table, sliding_windows
@@ -43,7 +44,7 @@ JOB = "distill_pythia"
 
 
 @dataclass(kw_only=True)
-class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
+class DistillLMArgs(TrainArgs, TextDataArgs, LengthGroupingArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
     teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id, local folder or .gguf file (de-quantised on load)"})
     student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "the model the student starts from (--student_init pretrained): hub id, folder or .gguf file"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = student_init_field("pretrained", "pretrained", "teacher_layers", "random")
@@ -56,8 +57,11 @@ class DistillLMArgs(TrainArgs, TextDataArgs, KDArgs, RecordsArgs, StudentInitArg
     relation_layers: str | None = field(default=None, metadata={
         "help": "student:teacher transformer layers of the relation terms, e.g. 1:3 (default: last:last)"})
     relation_heads: int | None = field(default=None, metadata={"help": "relation heads (default: the teacher's attention heads)"})
-    packing: bool = field(default=False, metadata={"help": "concatenate the text and cut it into constant-length blocks"})
-    loss_chunks: int = field(default=16, metadata={"help": "positions are cut into this many pieces for the logit losses (1: plain)"})
+    packing: bool = field(default=False, metadata={
+        "help": "concatenate the text and cut it into constant-length blocks (attention then crosses documents; "
+                "default: one line an example, batches grouped by length)"})
+    loss_chunks: int = field(default=4, metadata={
+        "help": "scored positions are cut into this many pieces for the logit losses (1: plain; more: less memory, more time)"})
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
@@ -99,6 +103,7 @@ class Setup:
 def check(args: DistillLMArgs) -> Setup:
     check_train_args(args)
     check_data_args(args)
+    check_length_grouping(args)
     check_kd(args)
     lowbit.check_lowbit(args)
     rec = check_records(args) if args.teacher_logits else None
@@ -176,6 +181,15 @@ def load_corpus(args: DistillLMArgs, tokenizer) -> tuple[list, list]:
     return train_ids, eval_ids
 
 
+def make_train_batches(args: DistillLMArgs, examples, collate, lengths: list[int]) -> data.Batches:
+    """Length-grouped batches of whole lines (--group_by_length, the default): a batch is padded to
+    its longest line, which is close to its shortest, and attention never crosses documents.
+    Packed blocks all have --max_seq_length tokens, so they are drawn at random."""
+    if args.packing:
+        return data.Batches(examples, args.batch_size, collate, seed=args.seed)
+    return training_batches(args, examples, args.batch_size, collate, lengths, args.seed)
+
+
 def teacher_pass(args: DistillLMArgs) -> records.TeacherPass:
     """The teacher's work of this job, for record_teacher: the next-token logits of every token."""
     check_data_args(args)
@@ -222,7 +236,7 @@ def run(args: DistillLMArgs):
         train_examples, eval_examples = train_ids, eval_ids
     if setup.vocab_notice:
         print(setup.vocab_notice)
-    train_batches = data.Batches(train_examples, args.batch_size, train_collate, seed=args.seed)
+    train_batches = make_train_batches(args, train_examples, train_collate, [len(x) for x in train_ids])
     eval_batches = data.Batches(eval_examples, args.batch_size, eval_collate, seed=args.seed, shuffle=False)
     stream = [t for block in eval_ids for t in block]
     stride = args.eval_stride or max(1, args.max_seq_length // 2)
@@ -296,24 +310,27 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
 
     def logit_loss(batch, s, t, flat, targets, with_ce):
         """The objective over the scored positions, chunked; on-policy batches leave the CE out
-        (their targets are the student's own samples), the divergence keeps its weight."""
-        hidden = s.last_hidden_state[:, :-1].reshape(flat.numel(), -1)
+        (their targets are the student's own samples), the divergence keeps its weight. Only the
+        scored rows of the hidden states reach the heads: padding costs no logits."""
+        hidden = s.last_hidden_state[:, :-1].reshape(flat.numel(), -1)[flat]
+        targets, every = targets[flat], flat[flat]
         kw = objective if with_ce else objective | {"ce_weight": 0.0}
 
         if rec is None:
             def dense(s_logits, t_logits, mask, targets):
                 return losses.distill_loss(s_logits, t_logits, mask, targets if with_ce else None, **kw)[0]
 
-            return losses.chunked_logit_loss(dense, hidden, student_head, t.last_hidden_state[:, :-1].reshape(flat.numel(), -1).clone(),
-                                             teacher_head, flat, chunks=args.loss_chunks, targets=targets)
+            t_hidden = t.last_hidden_state[:, :-1].reshape(flat.numel(), -1)[flat]  # indexing copies out of inference mode
+            return losses.chunked_logit_loss(dense, hidden, student_head, t_hidden, teacher_head, every,
+                                             chunks=args.loss_chunks, targets=targets)
 
         def recorded(s_logits, *pieces_mask, targets=None):
             *pieces, mask = pieces_mask
             return losses.distill_loss(s_logits, records.as_teacher(rec.sampling, *pieces), mask,
                                        targets if with_ce else None, **kw)[0]
 
-        recorded_rows = tuple(batch[k].reshape(flat.numel(), *batch[k].shape[2:]) for k in records.RECORD_KEYS[rec.sampling])
-        return losses.chunked_record_loss(recorded, hidden, student_head, recorded_rows, flat, chunks=args.loss_chunks, targets=targets)
+        recorded_rows = tuple(batch[k].reshape(flat.numel(), *batch[k].shape[2:])[flat] for k in records.RECORD_KEYS[rec.sampling])
+        return losses.chunked_record_loss(recorded, hidden, student_head, recorded_rows, every, chunks=args.loss_chunks, targets=targets)
 
     relations = [(w, kind) for w, kind in ((args.attention_weight, "attention"), (args.value_weight, "value")) if w]
     t_qkv, s_qkv = {}, {}
@@ -433,7 +450,7 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, setup: Setu
         f"{args.lr_scheduler} schedule, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation, "
         f"{args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, seed {args.seed}",
         f"- Data: {data_source}{share}: {n_examples:,} training examples of up to "
-        f"{args.max_seq_length} tokens, {'packed' if args.packing else 'padded/truncated'}",
+        f"{args.max_seq_length} tokens, {batching(args)}",
         f"- {cards.seen_line(seen)}",
         f"- Held-out: {held_out}",
         *([f"- {cards.kept_layers_line(kept, setup.teacher_config.num_hidden_layers)}"] if kept else []),
@@ -444,6 +461,14 @@ def write_model_card(folder: Path, args: DistillLMArgs, table: dict, setup: Setu
         "## Reproduce", "", "```bash", command, "```", "",
     ]
     results.atomic_write(folder / "README.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def batching(args: DistillLMArgs) -> str:
+    """How the training text was cut and batched, in words (the card's data line)."""
+    if args.packing:
+        return "packed into blocks (attention crossed documents), random batches"
+    return ("one line an example, " + ("length-grouped batches" if args.group_by_length else "random batches")
+            + ", padded to the longest of the batch")
 
 
 def teacher_lines(args: DistillLMArgs, rec: records.TeacherRecords | None) -> list[str]:

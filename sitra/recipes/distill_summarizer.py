@@ -23,6 +23,7 @@ from sitra.args import (
 )
 from sitra.cards import data_description, gguf_lines, kept_layers_line, optimiser_line, seen_in_training, write_card
 from sitra.data import tasks
+from sitra.data.mlm import LengthGroupingArgs, check_length_grouping, training_batches
 from sitra.data.tasks import TaskDataArgs, check_task_data, load_splits
 from sitra.errors import UsageError
 from sitra.evaluate import flat, format_table, generate_summaries, rouge, rouge_config
@@ -57,7 +58,7 @@ class SummaryDataArgs(TaskDataArgs):
 
 
 @dataclass(kw_only=True)
-class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
+class DistillSummarizerArgs(TrainArgs, SummaryDataArgs, LengthGroupingArgs, KDArgs, RecordsArgs, StudentInitArgs, lowbit.LowBitArgs):
     teacher: str | None = field(default=None, metadata={"teacher_source": True, 
         "help": "causal LM (fine-tuned for the task): folder, hub id or .gguf file (or its records: --teacher_logits)"})
     student: str | None = field(default=None, metadata={"help": "causal LM with the teacher's tokenizer (--student_init pretrained): folder, hub id or .gguf file"})
@@ -102,6 +103,7 @@ class Setup:
 def check(args: DistillSummarizerArgs) -> Setup:
     check_train_args(args)
     check_data_flags(args)
+    check_length_grouping(args)
     check_kd(args)
     lowbit.check_lowbit(args)
     if not args.teacher and not args.teacher_logits:
@@ -244,7 +246,7 @@ def run(args: DistillSummarizerArgs):
         examples = {split: records.Indexed(examples[split]) for split in LOSS_SPLITS}
     if setup.vocab_notice:
         print(setup.vocab_notice)
-    train_batches = data.Batches(examples["train"], args.batch_size, collates["train"], seed=args.seed)
+    train_batches = training_batches(args, examples["train"], args.batch_size, collates["train"], train_lengths, args.seed)
     val_batches = data.Batches(examples["validation"], args.batch_size, collates["validation"], seed=args.seed, shuffle=False)
     layers = setup.layers
     student_name = f"teacher_layers{layers}" if args.student_init == "teacher_layers" else f"pretrained_{Path(args.student).name}"
@@ -301,6 +303,7 @@ def run(args: DistillSummarizerArgs):
                 *([records.card_line(rec, "every summary token and the EOS; the results have no teacher row (it needs the "
                                         "teacher's generations)")] if rec else []),
                 f"Optimiser: {optimiser_line(args)}",
+                f"Batches: {'length-grouped' if args.group_by_length else 'random'}, padded to the longest pair of the batch",
                 f"Checkpoint: the lowest validation loss (step {progress.best_step})",
                 f"Evaluation: greedy generation, at most {args.max_new_tokens} new tokens; {rouge_config()}; "
                 + ", ".join(f"{n} {s} pairs" for s, n in n_rouge.items()),

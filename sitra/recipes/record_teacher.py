@@ -35,6 +35,7 @@ from sitra.runtime import progress_bar
 
 JOB = "record_teacher"
 POSITIONS_PER_PIECE = 1024  # logits [n, V] of about this many positions exist at a time
+LENGTH_GROUP = 100  # batches whose examples are sorted by length together
 # the distillation jobs whose teachers can be recorded (each has `teacher_pass(args)`)
 RECORDABLE = ("distill_pythia", "distill_classifier", "distill_summarizer", "distill_geneformer")
 
@@ -182,15 +183,30 @@ def shard_items(parts: list, lo: int, hi: int):
         start += len(examples)
 
 
+def example_tokens(x) -> int:
+    """Tokens of an example as the jobs hold them: ids, or a tuple whose first item is the ids."""
+    return len(x[0]) if isinstance(x, tuple) else len(x)
+
+
+def length_grouped(items, batch_size: int):
+    """Batches of `items` (shard_items), each window of LENGTH_GROUP batches sorted by length, so
+    the teacher's forwards pad little; what is recorded of an example does not depend on its batch."""
+    while window := list(itertools.islice(items, batch_size * LENGTH_GROUP)):
+        window.sort(key=lambda item: -example_tokens(item[3]))
+        for lo in range(0, len(window), batch_size):
+            yield window[lo:lo + batch_size]
+
+
 @torch.inference_mode()
 def record_examples(teacher, items, n_items: int, tp: records.TeacherPass, args, device, desc: str) -> dict:
     """The shard's arrays (sitra.records layout) from teacher forwards over `items` (shard_items),
-    collated as the job collates them in their epoch."""
+    collated as the job collates them in their epoch, in length-grouped batches; the arrays keep
+    the order of the records."""
     head, k, vocab = tp.head(teacher), args.top_k, tp.vocab
-    parts = {"ids": [], "logp": [], "rest": [], "counts": [], "entries": []}
-    lengths = []
-    batches = iter(lambda: list(itertools.islice(items, args.batch_size)), [])
-    for batch in progress_bar(iterable=batches, total=-(-n_items // args.batch_size), desc=desc, unit="batch"):
+    keys = ("ids", "logp", "rest") if args.teacher_logits_sampling == "top_k" else ("ids", "logp", "counts", "entries")
+    recorded = {}  # record index -> its arrays
+    for batch in progress_bar(iterable=length_grouped(items, args.batch_size), total=-(-n_items // args.batch_size),
+                              desc=desc, unit="batch"):
         collated = tp.collate([x for *_, x in batch], [example_generator(args.seed, epoch, i) for _, epoch, i, _ in batch])
         collated = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in collated.items()}
         scored = tp.scored(collated)
@@ -198,17 +214,26 @@ def record_examples(teacher, items, n_items: int, tp: records.TeacherPass, args,
         n_scored = scored.sum(1).tolist()
         owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(n_scored))
         draws = [records.draw_generator(args.seed, index) for index, *_ in batch]
+        got = {key: [] for key in keys}
         for lo, hi in pieces(n_scored, POSITIONS_PER_PIECE):
             logits = head(rows[lo:hi])[:, :vocab].float()
             logp = torch.log_softmax(logits / args.temperature, dim=-1)
-            got = records.teacher_entries(logp, k, args.teacher_logits_sampling, draws, owner[lo:hi].tolist())
-            if args.teacher_logits_sampling == "top_k":
-                for key, v in zip(("ids", "logp", "rest"), got):
-                    parts[key].append(v.numpy().reshape(-1))
-            else:
-                for key, v in zip(("ids", "logp", "counts", "entries"), got):
-                    parts[key].append(v.numpy())
-        lengths += n_scored
+            for key, v in zip(keys, records.teacher_entries(logp, k, args.teacher_logits_sampling, draws, owner[lo:hi].tolist())):
+                got[key].append(v.numpy())
+        got = {key: np.concatenate(v) if v else np.zeros(0) for key, v in got.items()}
+        # each example's slice: its positions (top_k: rows of k entries), or (random) the entries of its positions
+        per_position = np.cumsum(n_scored)[:-1]
+        if "rest" in keys:
+            split = {key: np.split(v, per_position) for key, v in got.items()}
+        else:
+            entries = np.split(got["entries"], per_position)
+            per_entry = np.cumsum([int(e.sum()) for e in entries])[:-1]
+            split = {key: np.split(v, per_entry) for key, v in got.items() if key != "entries"} | {"entries": entries}
+        for j, (index, *_) in enumerate(batch):
+            recorded[index] = {key: v[j].reshape(-1) for key, v in split.items()} | {"positions": n_scored[j]}
+    order = sorted(recorded)
+    parts = {key: [recorded[i][key] for i in order] for key in keys}
+    lengths = [recorded[i]["positions"] for i in order]
     cat = {key: np.concatenate(v) if v else np.zeros(0) for key, v in parts.items()}
     dtype = np.float16 if args.log_prob_dtype == "float16" else np.float32
     small = np.uint8 if k < 256 else np.uint16
