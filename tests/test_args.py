@@ -180,3 +180,12 @@ def test_block_jobs_refuse_a_causal_teacher_in_one_line(job, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--teacher: a llama model" in err[0] and "bert" in err[0]
+
+
+def test_the_preset_flag_names_every_preset():
+    """args.py is a leaf module and cannot import the presets, so its help names them as text."""
+    from sitra.args import PresetArgs
+    from sitra.presets import PRESETS
+
+    help_text = next(f for f in dataclasses.fields(PresetArgs) if f.name == "preset").metadata["help"]
+    assert help_text.rsplit(": ", 1)[1].split(", ") == list(PRESETS)
