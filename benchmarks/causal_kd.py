@@ -24,7 +24,7 @@ of the training phase (VmHWM reset as training starts: model loading and sitra's
 before and after are not in it, its held-out loss at the start and end is) and of the whole
 process, in MiB.
 
-Run (about 15 minutes on 2 busy CPU cores):
+Needs TRL beside sitra (`pip install trl` once torch is installed). Run (about 15 minutes on 2 busy CPU cores):
 
     python benchmarks/causal_kd.py
 
