@@ -117,7 +117,8 @@ def job_args(teacher, corpus, storage, batch_size: int, steps: int, run_name: st
 
 def job_batches(args):
     """The job's training batches (length-grouped, the longest first) and its student config."""
-    from sitra.data.cells import LengthGroupedBatches, masking
+    from sitra.data.cells import masking
+    from sitra.data.mlm import LengthGroupedBatches
     from sitra.data.mlm import MLMCollator
     from sitra.recipes.distill_geneformer import check
 

@@ -76,7 +76,8 @@ def write_teacher(folder: Path, layers: int, hidden: int):
 
 
 def padding_table(lengths, batch_size: int, group_size: int, epochs: int = 3) -> dict:
-    from sitra.data.cells import LengthGroupedBatches, bucket_sizes, padding_fraction
+    from sitra.data.cells import bucket_sizes
+    from sitra.data.mlm import LengthGroupedBatches, padding_fraction
     from sitra.data.mlm import Batches
 
     examples = list(range(len(lengths)))

@@ -12,7 +12,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from conftest import build_neox, build_tokenizer
 from sitra.cards import seen_in_training
-from sitra.data.cells import LengthGroupedBatches
+from sitra.data.mlm import LengthGroupedBatches
 from sitra.data.mlm import Batches
 from sitra.errors import Interrupted
 from sitra.recipes import distill_classifier, distill_geneformer, distill_pythia, distill_summarizer

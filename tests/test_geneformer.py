@@ -23,9 +23,9 @@ from sitra import losses
 from sitra.cli import main
 from sitra.errors import UsageError
 from sitra.data.cells import (
-    BucketedMLMCollator, CellExamples, LengthGroupedBatches, bucket_sizes, load_corpus, padding_fraction, split_cells,
+    BucketedMLMCollator, CellExamples, bucket_sizes, load_corpus, split_cells,
 )
-from sitra.data.mlm import Batches, MLMCollator, example_generator
+from sitra.data.mlm import Batches, LengthGroupedBatches, MLMCollator, example_generator, padding_fraction
 from sitra.recipes import distill_geneformer, eval_quick, plot_training, tokenize_cells
 from sitra.results import read_log
 

@@ -9,6 +9,7 @@ the dictionaries are dropped, and the list is cut to the model's input size. Tie
 of the file (a stable sort), so a file always gives the same corpus.
 """
 import contextlib
+import json
 import pickle
 import re
 import tempfile
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import scipy.sparse as sp
 
 from sitra import runtime
-from sitra.data.mlm import Batches, LengthGroupedBatches, MLMCollator, pad, padding_fraction  # noqa: F401 (the samplers' old home)
+from sitra.data.mlm import Batches, MLMCollator, pad
 from sitra.errors import UsageError
 
 GENEFORMER_PAD_ID, GENEFORMER_MASK_ID = 0, 1  # Geneformer V1: <pad> = 0, <mask> = 1
@@ -224,7 +226,6 @@ class H5ad:
     def _reader(self, name):
         """(rows(start, stop) -> scipy matrix, shape) of one matrix."""
         import anndata
-        import scipy.sparse as sp
 
         element = self.matrices[name]
         if isinstance(element, h5py.Dataset):
@@ -243,7 +244,6 @@ class H5ad:
 
     def rows(self, start: int, stop: int):
         """Cells start..stop-1 as a float64 scipy CSR matrix with sorted indices."""
-        import scipy.sparse as sp
 
         m = sp.csr_matrix(self._read(start, stop), dtype=np.float64)
         m.sort_indices()
@@ -345,7 +345,6 @@ def gene_map(gene_ids, token_dict: dict, median_dict: dict, flag: str = "--gene_
     is known. Known genes are ordered by first appearance in the file. `names`: the names shown for
     unknown genes (default the ids).
     """
-    import scipy.sparse as sp
 
     column_of, rows, cols, unknown = {}, [], [], []
     for j, g in enumerate(gene_ids):
@@ -442,7 +441,6 @@ def tokenize_h5ad(h5ad: H5ad, token_dict: dict, median_dict: dict, output: Path,
 def values_line(corpus: str) -> str | None:
     """What the corpus's cells were ranked on, for a model card: None for raw counts (Geneformer's
     own input) or a corpus tokenize_cells did not write."""
-    import json
 
     meta = Path(corpus) / "tokenize_cells.json"
     if not meta.is_file():

@@ -1,6 +1,7 @@
 """Load teachers and tokenizers by hub id, local folder or GGUF file, frozen and in eval mode."""
 import copy
 import functools
+import json
 import importlib.resources
 import importlib.util
 import sys
@@ -187,7 +188,6 @@ def is_classifier(config) -> bool:
 def declared_labels(name: str, config) -> int | None:
     """The label count a model folder declares (a classifier, or a config.json that names its
     labels); None for an encoder whose head will be new."""
-    import json
 
     raw = json.loads((Path(name) / "config.json").read_text()) if (Path(name) / "config.json").is_file() else {}
     if is_classifier(config) or "id2label" in raw or "num_labels" in raw:
