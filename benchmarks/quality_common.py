@@ -3,6 +3,7 @@ the way a user types them (and remembers each command and its wall time), and th
 every table uses (final metrics of a run's log, parameter counts, forward time per token)."""
 import codecs
 import dataclasses
+import json
 import os
 import resource
 import runpy
@@ -85,7 +86,9 @@ class Runner:
         return f"{env} python jobs/{job}.py " + " ".join(self._shown(str(f)) for f in flags)
 
     def run(self, job: str, *flags: str) -> float:
-        """Run the job; its wall seconds."""
+        """Run the job; its wall seconds. A command that finished before in this workdir (a rerun,
+        which sitra turns into a quick check of the finished run) reports the seconds it took
+        then: they are kept in the workdir's walls.json."""
         flags = tuple(str(f) for f in flags)
         line = self.command(job, *flags)
         print(f"\n$ {line}", flush=True)
@@ -95,10 +98,15 @@ class Runner:
         else:
             self._run_process(job, flags)
         seconds = time.perf_counter() - start
-        self.commands.append((line, seconds))
         cpu_note = "" if self.in_process else f", {_children_cpu_s() - cpu:.0f} CPU-s"
-        print(f"  ({seconds:.1f} s{cpu_note})", flush=True)
-        return seconds
+        store = self.workdir / "walls.json"
+        walls = json.loads(store.read_text()) if store.exists() else {}
+        first = walls.setdefault(line, seconds)
+        store.write_text(json.dumps(walls, indent=1))
+        self.commands.append((line, first))
+        print(f"  ({seconds:.1f} s{cpu_note}" + (f"; {first:.0f} s when it first ran" if first != seconds else "") + ")",
+              flush=True)
+        return first
 
     def _run_process(self, job: str, flags: tuple[str, ...]):
         env = dict(os.environ, **OFFLINE_ENV)

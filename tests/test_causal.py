@@ -182,3 +182,63 @@ def test_qkv_hooks_match_the_attention_inputs(lms):
     per_head = fused.view(2, 7, model.config.num_attention_heads, 3 * d)
     assert torch.equal(store[1]["q"], per_head[..., :d].reshape(2, 7, -1))
     assert torch.equal(store[1]["v"], per_head[..., 2 * d:].reshape(2, 7, -1))
+
+
+def test_ce_only_runs_no_teacher_and_its_loss_is_the_next_token_ce(lms, tmp_path, capsys):
+    args = distill_args(lms, tmp_path, student_init="teacher_layers", student_layers=2, kd_weight=0.0, ce_weight=1.0,
+                        max_steps=6, eval_steps=3, lr=1e-3)
+    run = distill_pythia.run(args)
+    log = read_log(run.log_path)
+    assert "runs no forwards" in capsys.readouterr().out
+    assert not any(log["train"]["teacher_forwards"]) and log["attrs"]["teacher_forwards"] == 0
+    assert not any(k.startswith("teacher/") for k in log["final"])
+    # the held-out loss is the student's next-token CE: the mean over held-out batches of Hugging Face's own loss
+    student = AutoModelForCausalLM.from_pretrained(run.checkpoint_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(lms["teacher"])
+    tok.pad_token = tok.pad_token or tok.eos_token
+    _, eval_ids = distill_pythia.load_corpus(args, tok)
+    with torch.no_grad():
+        ce = [float(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss)
+              for b in data.Batches(eval_ids, args.batch_size, data.CausalCollator(tok.pad_token_id), shuffle=False).epoch(0)]
+    best = int(log["final"]["best_step"])
+    assert log["eval"]["eval_loss"][list(log["eval"]["step"]).index(best)] == pytest.approx(sum(ce) / len(ce), rel=1e-5)
+
+
+def test_a_narrow_random_student_has_the_shape_its_flags_give(lms, tmp_path):
+    from transformers import AutoConfig
+
+    run = distill_pythia.run(distill_args(lms, tmp_path, student_init="random", student_layers=3, student_heads=2,
+                                          student_intermediate_size=40, max_steps=2, eval_steps=2))
+    config = AutoConfig.from_pretrained(run.checkpoint_dir / "model")
+    teacher = AutoConfig.from_pretrained(lms["teacher"])
+    head = teacher.hidden_size // teacher.num_attention_heads
+    assert (config.num_hidden_layers, config.num_attention_heads, config.hidden_size, config.intermediate_size) == \
+        (3, 2, 2 * head, 40)
+    before = AutoModelForCausalLM.from_pretrained(run.checkpoint_dir / "student_before")
+    assert before.config.hidden_size == 2 * head  # the start is saved at the same shape
+
+
+def test_student_shape_flags_against_grouped_attention():
+    from transformers import LlamaConfig
+
+    from sitra.errors import UsageError
+    from sitra.models.causal import check_student_shape, student_config
+
+    teacher = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          intermediate_size=1536, num_hidden_layers=30)
+    with pytest.raises(UsageError, match=r"--student_heads 4: must be a multiple of 3"):
+        check_student_shape(teacher, 4, None)
+    config = student_config(teacher, 30, 6, 1000)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.hidden_size, config.head_dim,
+            config.intermediate_size, teacher.hidden_size) == (6, 2, 384, 64, 1000, 576)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(student_heads=2), "--student_heads 2: shapes a random student; add --student_init random"),
+    (dict(kd_weight=0.0, ce_weight=1.0, on_policy_fraction=0.5), "with --kd_weight 0: on-policy batches"),
+], ids=["heads-without-random", "on-policy-without-kd"])
+def test_student_flags_refused_before_any_model_loads(lms, tmp_path, kw, message):
+    from sitra.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        distill_pythia.check(distill_args(lms, tmp_path, **kw))

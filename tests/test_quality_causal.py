@@ -46,8 +46,11 @@ def toy(tmp_path_factory):
 
 
 def table_rows(block: str) -> list[list[str]]:
-    lines = [line for line in block.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+    """The body of the first markdown table in `block`."""
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end] if line.startswith("| ")][1:]
 
 
 def number(cell: str) -> float:
@@ -112,36 +115,67 @@ def test_records_and_ce_rows_never_ran_the_teacher_and_kd_rows_did(toy):
 
 
 def test_students_are_half_the_teacher(toy):
-    """The cut student keeps every 2nd layer; the narrow one has every layer at 2/3 of the width
-    and within 5% of the cut student's parameters; both start where the table says."""
+    """The cut student keeps every 2nd layer; the narrow one has every layer at a multiple of the
+    teacher's query heads per key-value head (3 of 6 here) and within 5% of the cut student's
+    parameters; both start where the table says."""
     from transformers import AutoConfig
 
     rows = {(r[0], r[1]): r for r in table_rows(toy["block"])}
     work = toy["dir"] / "work"
     cut = AutoConfig.from_pretrained(work / "checkpoints" / "causal_cut_kl" / "model")
-    narrow = AutoConfig.from_pretrained(work / "students" / "narrow_student")
+    narrow = AutoConfig.from_pretrained(work / "checkpoints" / "causal_narrow_kl" / "model")
     assert (cut.num_hidden_layers, cut.hidden_size) == (2, 48)
-    assert (narrow.num_hidden_layers, narrow.hidden_size, narrow.num_attention_heads, narrow.num_key_value_heads) == (4, 32, 4, 4)
+    assert (narrow.num_hidden_layers, narrow.hidden_size, narrow.num_attention_heads, narrow.num_key_value_heads) == (4, 24, 3, 1)
     cut_params, narrow_params = number(rows[("cut", "forward KL")][2]), number(rows[("narrow", "forward KL")][2])
     assert narrow_params == pytest.approx(cut_params, rel=0.05)
     assert number(rows[("cut", "before training")][2]) == cut_params
 
 
+def test_every_row_of_a_student_starts_from_the_same_weights(toy):
+    """The records rows rebuild their start without the teacher (the cut one from the live run's
+    saved start, the random one from the records' config and the same seed): it must be the same."""
+    from safetensors.torch import load_file
+
+    work = toy["dir"] / "work" / "checkpoints"
+    for student in ("cut", "narrow"):
+        first = load_file(work / f"causal_{student}_kl" / "student_before" / "model.safetensors")
+        for key in ("klce", "ce", "rec"):
+            other = load_file(work / f"causal_{student}_{key}" / "student_before" / "model.safetensors")
+            assert first.keys() == other.keys() and all(torch.equal(first[k], other[k]) for k in first), (student, key)
+
+
 def test_the_commands_are_listed(toy):
     block = toy["block"]
-    assert block.count("python jobs/distill_pythia.py") == 8
+    assert block.count("python jobs/distill_pythia.py") == 8 + 1  # and one more learning rate of the sweep
     assert block.count("python jobs/record_teacher.py") == 1 and block.count("python jobs/eval_lm.py") == 1
-    assert "python benchmarks/quality_causal.py --narrow_student" in block
+    assert block.count("--student_heads 3 --student_intermediate_size") == 4
 
 
-def test_narrow_config_matches_the_parameter_count_of_smollm2_halved():
+def test_the_sweep_compares_the_runs_own_held_out_perplexity(toy):
+    from quality_common import final_metrics
+
+    lines = toy["block"].splitlines()
+    start = lines.index("### Learning rate (cut student, forward KL from the records, the same budget)")
+    rows = table_rows("\n".join(lines[start:]))[:2]
+    work = toy["dir"] / "work"
+    assert [r[0] for r in rows] == ["0.003", "0.01"]
+    for r, run in zip(rows, ("causal_cut_rec", "causal_cut_rec_lr0.01")):
+        assert number(r[1]) == pytest.approx(final_metrics(work, run)["distilled/perplexity"], rel=1e-3)
+    best = min(rows, key=lambda r: number(r[1]))[0]
+    assert f"best: `--lr {best}`" in toy["block"]
+
+
+def test_narrow_shape_matches_the_parameter_count_of_smollm2_halved():
     """At SmolLM2-135M's shape: 6 heads of 64 (2 key-value heads), 30 layers, and a feed-forward
     width that lands within 1% of the 15-layer cut."""
     from transformers import LlamaConfig
 
+    from sitra.models.causal import student_config
+
     teacher = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
-    config = qc.narrow_config(teacher, 15)
+    heads, width = qc.narrow_shape(teacher, 15)
+    config = student_config(teacher, 30, heads, width)
     cut = LlamaConfig(**{**teacher.to_dict(), "num_hidden_layers": 15})
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers) == (384, 6, 2, 30)
     assert qc.count_parameters(config) == pytest.approx(qc.count_parameters(cut), rel=0.01)

@@ -117,10 +117,44 @@ def sample_continuations(model, prompts: torch.Tensor, max_new_tokens: int, temp
     return ids, scored
 
 
-def random_student(config, student_layers: int, seed: int):
-    """A randomly initialised causal LM of `config` (e.g. a teacher's) with `student_layers` layers:
-    no teacher weights needed, so it also serves students of recorded teachers."""
+def student_config(config, student_layers: int, heads: int | None = None, intermediate_size: int | None = None):
+    """A teacher's config with `student_layers` layers and, where given, `heads` attention heads
+    of the teacher's head size (so a narrower hidden size; key-value heads keep the teacher's
+    query heads per key-value head) and a feed-forward width of `intermediate_size`."""
     config = copy.deepcopy(config)
+    for key in ("quantization_config", "_name_or_path"):  # a GGUF teacher's config names its file
+        if hasattr(config, key):
+            delattr(config, key)
     config.num_hidden_layers = student_layers
+    if heads:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None)
+        if kv:
+            config.num_key_value_heads = heads // (config.num_attention_heads // kv)
+        config.num_attention_heads = heads
+        config.hidden_size = heads * head_dim
+        if hasattr(config, "head_dim"):
+            config.head_dim = head_dim
+    if intermediate_size:
+        config.intermediate_size = intermediate_size
+    return config
+
+
+def check_student_shape(config, heads: int | None, intermediate_size: int | None):
+    """One-line errors for --student_heads / --student_intermediate_size against the teacher's config."""
+    if heads:
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        group = config.num_attention_heads // kv
+        if heads % group:
+            raise UsageError(f"--student_heads {heads}: must be a multiple of {group} (the teacher's query heads "
+                             "per key-value head)")
+    if intermediate_size and not isinstance(getattr(config, "intermediate_size", None), int):
+        raise UsageError(f"--student_intermediate_size {intermediate_size}: the teacher's config "
+                         f"({config.model_type}) has no intermediate_size to change")
+
+
+def random_student(config, seed: int):
+    """A randomly initialised causal LM of `config` (student_config of a teacher's): no teacher
+    weights needed, so it also serves students of recorded teachers."""
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)

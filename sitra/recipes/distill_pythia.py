@@ -2,13 +2,13 @@
 shares a tokenizer): L = kd_weight * T^2 * D(teacher_T || student_T) + ce_weight * CE (the one
 objective of every job, sitra.losses.distill_loss), with D from the loss menu, optional hidden-state terms, length-grouped (default) or packed text, a ternary (1.58-bit) student or an
 8-bit teacher, a teacher recorded once (--teacher_logits), on-policy batches, and a model card."""
-import copy
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -32,7 +32,9 @@ from sitra.models.causal import (
     final_hidden,
     lm_head,
     on_policy_prompts,
+    check_student_shape,
     random_student,
+    student_config,
     sample_continuations,
     shared_vocab,
     student_from_teacher_layers,
@@ -48,6 +50,11 @@ class DistillLMArgs(TrainArgs, TextDataArgs, LengthGroupingArgs, KDArgs, Records
     teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id, local folder or .gguf file (de-quantised on load)"})
     student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "the model the student starts from (--student_init pretrained): hub id, folder or .gguf file"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = student_init_field("pretrained", "pretrained", "teacher_layers", "random")
+    student_heads: int | None = field(default=None, metadata={"bounds": {"min": 1}, "help":
+        "attention heads of a random student (--student_init random; default: the teacher's), each of the teacher's head "
+        "size: fewer heads make a narrower student"})
+    student_intermediate_size: int | None = field(default=None, metadata={"bounds": {"min": 1}, "help":
+        "feed-forward width of a random student (--student_init random; default: the teacher's)"})
     hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state term"})
     hidden_loss: Literal["mse", "cosine"] = field(default="mse", metadata={"help": "hidden-state term: MSE or cosine distance"})
     layer_map: str | None = field(default=None, metadata={
@@ -98,6 +105,8 @@ class Setup:
     vocab: int  # the logit losses compare the first `vocab` rows of both models (the shared ids)
     vocab_notice: str | None
     records: records.TeacherRecords | None
+    student_config: object  # of a random student; None for the other starts
+    teacher_forwards: bool  # whether the loss reads a live teacher (not at --kd_weight 0 without hidden-state terms)
 
 
 def check(args: DistillLMArgs) -> Setup:
@@ -110,27 +119,35 @@ def check(args: DistillLMArgs) -> Setup:
     teacher_config = rec.teacher_config() if rec else models.load_config(args.teacher)
     teacher_vocab = (rec.tokenizer() if rec else models.load_tokenizer(args.teacher)).get_vocab()
     n_student = args.student_layers or max(1, teacher_config.num_hidden_layers // 2)
-    student_config, student_vocab = copy.deepcopy(teacher_config), teacher_vocab
-    student_config.num_hidden_layers = n_student
+    for flag in ("student_heads", "student_intermediate_size"):
+        if getattr(args, flag) and args.student_init != "random":
+            raise UsageError(f"--{flag} {getattr(args, flag)}: shapes a random student; add --student_init random")
+    check_student_shape(teacher_config, args.student_heads, args.student_intermediate_size)
+    student_vocab = teacher_vocab
     if args.student_init == "pretrained":
         if not args.student:
             raise UsageError("--student_init pretrained needs --student")
-        student_config = models.load_config(args.student, "--student")
+        s_config = models.load_config(args.student, "--student")
         student_vocab = models.load_tokenizer(args.student, "--student").get_vocab()
-        n_student = student_config.num_hidden_layers
+        n_student = s_config.num_hidden_layers
     elif not 1 <= n_student <= teacher_config.num_hidden_layers:
         raise UsageError(f"--student_layers {n_student}: allowed 1-{teacher_config.num_hidden_layers}")
+    else:
+        s_config = student_config(teacher_config, n_student, args.student_heads, args.student_intermediate_size)
     teacher_name = f"the records at --teacher_logits {args.teacher_logits}" if rec else f"--teacher {args.teacher}"
-    vocab, notice = shared_vocab(teacher_vocab, student_vocab, teacher_config.vocab_size, student_config.vocab_size,
+    vocab, notice = shared_vocab(teacher_vocab, student_vocab, teacher_config.vocab_size, s_config.vocab_size,
                                  student=f"--student {args.student}", teacher=teacher_name)
     if rec and vocab < rec.vocab:
-        raise UsageError(f"--student {args.student}: {student_config.vocab_size:,} output rows, fewer than the "
+        raise UsageError(f"--student {args.student}: {s_config.vocab_size:,} output rows, fewer than the "
                          f"{rec.vocab:,} ids {teacher_name} hold")
     if args.on_policy_fraction:
+        if not args.kd_weight:
+            raise UsageError(f"--on_policy_fraction {args.on_policy_fraction} with --kd_weight 0: on-policy batches "
+                             "train only the divergence; give --kd_weight a positive weight")
         if not 1 <= args.max_new_tokens < args.max_seq_length:
             raise UsageError(f"--max_new_tokens {args.max_new_tokens}: allowed 1-{args.max_seq_length - 1} "
                              f"(--max_seq_length {args.max_seq_length})")
-    lowbit.check_student_modules(student_config, args, AutoModelForCausalLM)
+    lowbit.check_student_modules(s_config, args, AutoModelForCausalLM)
     layer_map = parse_layer_map(args.layer_map, n_student, teacher_config.num_hidden_layers)
     relation_map = parse_layer_map(args.relation_layers or f"{n_student - 1}:{teacher_config.num_hidden_layers - 1}",
                                    n_student - 1, teacher_config.num_hidden_layers - 1, "--relation_layers")
@@ -138,7 +155,9 @@ def check(args: DistillLMArgs) -> Setup:
     if args.attention_weight or args.value_weight:
         if heads < 1 or teacher_config.hidden_size % heads:
             raise UsageError(f"--relation_heads {heads}: must divide the teacher's hidden size {teacher_config.hidden_size}")
-    return Setup(teacher_config, n_student, layer_map, relation_map, heads, vocab, notice, rec)
+    teacher_forwards = rec is None and bool(args.kd_weight or args.hidden_weight or args.attention_weight or args.value_weight)
+    return Setup(teacher_config, n_student, layer_map, relation_map, heads, vocab, notice, rec,
+                 s_config if args.student_init == "random" else None, teacher_forwards)
 
 
 def check_records(args: DistillLMArgs) -> records.TeacherRecords:
@@ -210,7 +229,7 @@ def make_student(args: DistillLMArgs, teacher, setup: Setup, device):
     elif args.student_init == "teacher_layers":
         student = student_from_teacher_layers(teacher, setup.n_student)
     else:
-        student = random_student(setup.teacher_config, setup.n_student, args.seed)
+        student = random_student(setup.student_config, args.seed)
     return student.to(device).train()
 
 
@@ -248,11 +267,14 @@ def run(args: DistillLMArgs):
     device = runtime.pick_device(args.device)
     runtime.seed_everything(args.seed)
     teacher, teacher_info = None, {}
-    if not rec:
+    if setup.teacher_forwards or (not rec and args.student_init == "teacher_layers"):
         # an 8-bit teacher is loaded on the CPU in full precision: a teacher_layers student copies its
         # weights first, then its linear layers go to `device` in 8 bits one at a time
         teacher = models.load_model(args.teacher, "cpu" if args.teacher_bits else device, auto=AutoModelForCausalLM)
     student = make_student(args, teacher, setup, device)
+    if not setup.teacher_forwards and teacher is not None:
+        print("--kd_weight 0: the loss reads no teacher; it was loaded only to copy its layers and runs no forwards")
+        teacher = None
     kept = (teacher_layer_indices(setup.teacher_config.num_hidden_layers, setup.n_student)
             if args.student_init == "teacher_layers" else None)
     before = save_student_before(student, tokenizer, run_.checkpoint_dir, JOB, f"Initialised from {student_start(args, setup, kept)}.")
@@ -316,6 +338,12 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
         targets, every = targets[flat], flat[flat]
         kw = objective if with_ce else objective | {"ce_weight": 0.0}
 
+        if t is None and rec is None:  # cross-entropy only (--kd_weight 0): no teacher
+            def next_token_ce(s_logits, mask, targets):
+                return F.cross_entropy(s_logits[mask].float(), targets[mask]) if mask.any() else s_logits.sum() * 0
+
+            return losses.chunked_record_loss(next_token_ce, hidden, student_head, (), every, chunks=args.loss_chunks,
+                                              targets=targets)
         if rec is None:
             def dense(s_logits, t_logits, mask, targets):
                 return losses.distill_loss(s_logits, t_logits, mask, targets if with_ce else None, **kw)[0]
@@ -351,14 +379,14 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
         counts["training_batches"] += training
         counts["on_policy_batches"] += on_policy
         t = None
-        if rec is None:
+        if setup.teacher_forwards:
             with torch.inference_mode():
                 t = final_hidden(teacher, batch, need_hidden)
             counts["teacher_forwards"] += 1
         s = final_hidden(module.student, batch, need_hidden)
         flat = scored.reshape(-1)
         loss = logit_loss(batch, s, t, flat, next_tokens.reshape(-1), with_ce=not on_policy)
-        parts = {"teacher_forwards": float(rec is None)} | ({"on_policy": float(on_policy)} if args.on_policy_fraction else {})
+        parts = {"teacher_forwards": float(setup.teacher_forwards)} | ({"on_policy": float(on_policy)} if args.on_policy_fraction else {})
         if need_hidden:
             token_mask = batch["attention_mask"].bool()
             terms = []
