@@ -228,6 +228,20 @@ class StudentBlockArgs:
     block_dropout: float = field(default=0.1, metadata={"help": "attention dropout of the student block"})
 
 
+@dataclass(kw_only=True)
+class BlockInitArgs:
+    """Where a retrained student block starts."""
+    block_init: Literal["random", "teacher_svd"] = field(default="random", metadata={"help":
+        "random: BERT's initialisation; teacher_svd: the teacher's block truncated to --block_d_k per head "
+        "(best rank-d_k query-key forms and value paths; needs --block_heads equal to the teacher's)"})
+
+
+def check_block_init(args: BlockInitArgs, config, heads: int):
+    if args.block_init == "teacher_svd" and heads != config.num_attention_heads:
+        raise UsageError(f"--block_init teacher_svd: needs --block_heads {config.num_attention_heads} (the teacher's heads), "
+                         f"not {heads}; or --block_init random")
+
+
 # configs whose models sitra.models.bert can splice student blocks and merged layers into
 BLOCK_TEACHERS = ("bert", "sitra_bert")
 

@@ -1,5 +1,5 @@
 """Teachers, student blocks and splicing them into `transformers` models."""
-from sitra.models.attention import StudentSelfAttention, attention_probs, init_linear
+from sitra.models.attention import StudentSelfAttention, attention_probs, init_linear, student_block
 from sitra.models.bert import (
     SitraBertConfig,
     SitraBertForMaskedLM,

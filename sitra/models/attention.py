@@ -1,6 +1,7 @@
 """The student attention block that replaces a teacher's `BertSelfAttention`."""
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,9 +54,58 @@ def attention_probs(query: nn.Linear, key: nn.Linear, heads: int, hidden_states,
     return scores.softmax(-1)
 
 
+def student_block(config, heads: int, d_k: int, dropout: float, init: str = "random", teacher_self=None) -> StudentSelfAttention:
+    """A new student block of a teacher of `config`: BERT's random initialisation, or
+    (init="teacher_svd") the truncated teacher block of `teacher_self` (init_from_teacher)."""
+    block = StudentSelfAttention(config.hidden_size, heads, d_k, dropout)
+    init_linear(block, config.initializer_range)
+    if init == "teacher_svd":
+        init_from_teacher(block, teacher_self)
+    return block
+
+
 def init_linear(module: nn.Module, std: float):
     """BERT's initialisation (normal(0, initializer_range), zero bias) for new modules."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def init_from_teacher(student: StudentSelfAttention, teacher_self) -> None:
+    """Start a student block from the teacher's `BertSelfAttention` with the same heads: each
+    head's query-key form W_q^T W_k (biases included, as the products of [W | b] over [x, 1]) and
+    value path are replaced by their best rank-d_k approximations (truncated SVD; exact when the
+    student's d_k is the teacher's), so training starts near the teacher instead of at random.
+
+    Scores: the student's Q'^T K' / sqrt(d_k') equals the truncated Q^T K / sqrt(d_k). Values:
+    the student's extra `output` projection maps each head's d_k' values back into the teacher's
+    slot of that head, so output(context') approximates the teacher's context."""
+    heads, d_s = student.heads, student.d_k
+    d_t = teacher_self.attention_head_size
+    if teacher_self.num_attention_heads != heads:
+        raise ValueError(f"init_from_teacher: the student has {heads} heads, the teacher {teacher_self.num_attention_heads}")
+    r = min(d_s, d_t)
+
+    def augmented(linear, h):  # [W_h | b_h]: d_t x (hidden + 1)
+        rows = slice(h * d_t, (h + 1) * d_t)
+        return torch.cat([linear.weight[rows], linear.bias[rows, None]], 1).double()
+
+    def assign(linear, h, rows):  # the student's rows of head h (zero past rank r)
+        block = torch.zeros(d_s, rows.shape[1], dtype=rows.dtype)
+        block[:r] = rows[:r]
+        linear.weight[h * d_s:(h + 1) * d_s] = block[:, :-1].to(linear.weight.dtype)
+        linear.bias[h * d_s:(h + 1) * d_s] = block[:, -1].to(linear.bias.dtype)
+
+    scale = (d_s / d_t) ** 0.25  # so that the student's 1/sqrt(d_k') gives the teacher's 1/sqrt(d_k)
+    student.output.weight.zero_()
+    student.output.bias.zero_()
+    for h in range(heads):
+        u, s, vt = torch.linalg.svd(augmented(teacher_self.query, h).T @ augmented(teacher_self.key, h))
+        root = s[:r].sqrt()[:, None] * scale
+        assign(student.query, h, root * u[:, :r].T)
+        assign(student.key, h, root * vt[:r])
+        u, s, vt = torch.linalg.svd(augmented(teacher_self.value, h), full_matrices=False)
+        assign(student.value, h, s[:r, None] * vt[:r])
+        student.output.weight[h * d_t:(h + 1) * d_t, h * d_s:h * d_s + r] = u[:, :r].to(student.output.weight.dtype)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from sitra import fuse, losses, models, results, runtime
-from sitra.args import StudentBlockArgs, check_student_block
+from sitra.args import BlockInitArgs, check_block_init, StudentBlockArgs, check_student_block
 from sitra.data.mlm import text_batches
 from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
@@ -21,7 +21,7 @@ FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
 
 
 @dataclass(kw_only=True)
-class BlockArgs(TrainArgs, TextDataArgs, StudentBlockArgs):
+class BlockArgs(TrainArgs, TextDataArgs, StudentBlockArgs, BlockInitArgs):
     criterion: Literal[tuple(losses.LOSSES)] = field(default="MSE", metadata={"help": "loss between student and teacher"})
     loss_on_logits: bool = field(default=False, metadata={"help": "compare MLM output distributions after the block"})
     loss_on_scores: bool = field(default=False, metadata={"help": "compare attention distributions (averaged over heads)"})
@@ -31,7 +31,7 @@ class BlockArgs(TrainArgs, TextDataArgs, StudentBlockArgs):
 
 def default_run_name(args: BlockArgs, heads: int, d_k: int) -> str:
     mode = "_logits" if args.loss_on_logits else "_scores" if args.loss_on_scores else ""
-    return f"block{args.block}_h{heads}_dk{d_k}_{args.criterion}{mode}"
+    return f"block{args.block}_h{heads}_dk{d_k}_{args.criterion}{mode}" + ("_svd" if args.block_init == "teacher_svd" else "")
 
 
 def check(args: BlockArgs):
@@ -40,6 +40,7 @@ def check(args: BlockArgs):
     check_data_args(args)
     config = models.load_config(args.teacher)
     heads, d_k = check_student_block(args, config)
+    check_block_init(args, config, heads)
     if args.loss_on_logits and args.loss_on_scores:
         raise UsageError("--loss_on_logits and --loss_on_scores: choose one")
     if args.loss_on_logits and not models.has_mlm_head(config):
@@ -115,8 +116,8 @@ def run_fused(args_list: list[BlockArgs]):
     students, step_losses = [], []
     for a, (config, heads, d_k) in zip(args_list, shapes):
         runtime.seed_everything(a.seed)  # each student starts as it would alone
-        student = models.StudentSelfAttention(config.hidden_size, heads, d_k, a.block_dropout)
-        models.init_linear(student, config.initializer_range)
+        student = models.student_block(config, heads, d_k, a.block_dropout, a.block_init,
+                                       models.encoder_layers(teacher)[a.block].attention.self)
         students.append(student.to(device))
         on = "logits" if a.loss_on_logits else "scores" if a.loss_on_scores else "output"
         step_losses.append(lambda batch, s=student, a=a, on=on: block_loss(s, teacher, a.block, batch, a.criterion, on, a.temperature))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sitra import fuse, models, results, runtime
-from sitra.args import KDArgs, StudentBlockArgs, check_kd, check_student_block, kd_field
+from sitra.args import BlockInitArgs, check_block_init, KDArgs, StudentBlockArgs, check_kd, check_student_block, kd_field
 from sitra.data.mlm import text_batches
 from sitra.data.text import TextDataArgs, check_data_args
 from sitra.errors import UsageError
@@ -18,7 +18,7 @@ FUSABLE = ("block", "block_heads", "block_d_k", "block_dropout")
 
 
 @dataclass(kw_only=True)
-class BlockToEndArgs(TrainArgs, TextDataArgs, StudentBlockArgs, KDArgs):
+class BlockToEndArgs(TrainArgs, TextDataArgs, StudentBlockArgs, BlockInitArgs, KDArgs):
     ALPHA_MEANING = "ce_added"
     KD_DEFAULTS = (1.0, 0.0)
 
@@ -32,13 +32,15 @@ def check(args: BlockToEndArgs):
     check_kd(args)
     config = models.load_config(args.teacher)
     heads, d_k = check_student_block(args, config)
+    check_block_init(args, config, heads)
     if not models.has_mlm_head(config):
         raise UsageError(f"--teacher {args.teacher}: block-to-end training needs a teacher with an MLM head")
     return config, heads, d_k
 
 
 def default_run_name(args: BlockToEndArgs, heads: int, d_k: int) -> str:
-    return f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_{args.weights_name()}"
+    return (f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_{args.weights_name()}"
+            + ("_svd" if args.block_init == "teacher_svd" else ""))
 
 
 def teacher_pass(teacher):
@@ -83,8 +85,8 @@ def run_fused(args_list: list[BlockToEndArgs]):
     students, step_losses = [], []
     for a, (config, heads, d_k) in zip(args_list, shapes):
         runtime.seed_everything(a.seed)  # each student starts as it would alone
-        student = models.StudentSelfAttention(config.hidden_size, heads, d_k, a.block_dropout)
-        models.init_linear(student, config.initializer_range)
+        student = models.student_block(config, heads, d_k, a.block_dropout, a.block_init,
+                                       models.encoder_layers(teacher)[a.block].attention.self)
         model = copy.deepcopy(teacher)  # frozen; only the student block in it trains
         models.replace_attention(model, a.block, student.to(device))
         students.append(student)
