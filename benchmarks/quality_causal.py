@@ -8,8 +8,8 @@ deep as the teacher but narrower (`--student_init random --student_heads --stude
 same optimizer steps on the same packed blocks of WikiText-2's valid.txt with (a) next-token
 cross-entropy only, (b) forward KL to the live teacher, (c) KL + CE (0.5 each), (d) forward KL to
 top-k teacher records (`record_teacher` once). `eval_lm` then scores every model on one fixed piece
-of test.txt. A learning-rate sweep of the cut student from the records checks distill_pythia's
-default --lr.
+of test.txt. A learning-rate sweep of the cut student from the records, and its live forward KL at the
+temperatures of sweep_temperatures, check distill_pythia's default --lr and --temperature.
 """
 import dataclasses
 import sys
@@ -31,16 +31,19 @@ class Scale:
     val_tokens: int     # held out from valid.txt: each run's checkpoint choice
     test_tokens: int | None  # the fixed piece of test.txt every row is scored on (None: all of it)
     top_k: int          # teacher records: ids kept per position
-    temperature: float = 2.0  # of the KL rows (distill_pythia's default) and of the records
+    temperature: float = 1.0  # of the KL rows (distill_pythia's default) and of the records
     sweep_lrs: tuple = ()  # learning rates of the sweep (cut student, forward KL from the records)
+    sweep_temperatures: tuple = ()  # more temperatures of the cut student's live forward KL
     eval_batch: int = 8
     all_train: bool = False  # train on all of valid.txt (past val.txt), repeated as the steps need
 
 
 SCALES = {
-    "toy": Scale(seq=32, batch=4, steps=4, warmup=1, lr_cut=3e-3, lr_narrow=3e-3, val_tokens=96, test_tokens=256, top_k=8, sweep_lrs=(3e-3, 1e-2)),
+    "toy": Scale(seq=32, batch=4, steps=4, warmup=1, lr_cut=3e-3, lr_narrow=3e-3, val_tokens=96, test_tokens=256, top_k=8, sweep_lrs=(3e-3, 1e-2),
+                 sweep_temperatures=(2.0,)),
     "default": Scale(seq=128, batch=4, steps=64, warmup=6, lr_cut=1e-3, lr_narrow=1e-3, val_tokens=512,
-                     test_tokens=4096, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3, 3e-3)),
+                     test_tokens=4096, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3, 3e-3),
+                     sweep_temperatures=(2.0,)),
     "full": Scale(seq=256, batch=16, steps=600, warmup=60, lr_cut=3e-4, lr_narrow=1e-3, val_tokens=8192,
                   test_tokens=None, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3), eval_batch=16, all_train=True),
 }
@@ -195,7 +198,8 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
     text = prepare_text(inputs, sc, models.load_tokenizer(teacher), work / "causal_text")
     records = work / "records" / "causal_teacher"
     data = ["--train_file", text["train"], "--eval_file", text["val"], "--max_seq_length", sc.seq, "--packing",
-            "--temperature", sc.temperature, "--storage_directory", runner.storage]
+            "--storage_directory", runner.storage]
+    kd = ["--temperature", sc.temperature]
     training = ["--batch_size", sc.batch, "--max_steps", sc.steps, "--warmup_steps", sc.warmup,
                 "--eval_stride", sc.seq]
     est = expected_seconds(sc)
@@ -206,7 +210,7 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
              f"{est['narrow records']:.0f} s, record_teacher {est['record_teacher']:.0f} s, eval_lm {est['eval_lm']:.0f} s)"),
           flush=True)
 
-    record_s = runner.run("record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data,
+    record_s = runner.run("record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data, *kd,
                           "--output", records, "--top_k", sc.top_k, "--run_name", "causal_records")
     rows = [Row(s, "before", None, str(work / "checkpoints" / f"causal_{s}_kl" / "student_before")) for s in ("cut", "narrow")]
     starts = {"cut": ["--student_init", "teacher_layers", "--student_layers", layers_cut],
@@ -220,7 +224,7 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
         for key in ("kl", "klce", "ce", "rec"):
             name = f"causal_{student}_{key}"
             source = ["--teacher_logits", records, *recorded_start] if key == "rec" else ["--teacher", teacher, *starts[student]]
-            wall = runner.run("distill_pythia", *source, *data, *training, *lr, *OBJECTIVES[key][1], "--run_name", name)
+            wall = runner.run("distill_pythia", *source, *data, *kd, *training, *lr, *OBJECTIVES[key][1], "--run_name", name)
             rows.append(Row(student, key, name, str(work / "checkpoints" / name / "model"), wall))
 
     sweep = {sc.lr_cut: "causal_cut_rec"}  # item 4: the learning rate of the cut student, from the records
@@ -228,7 +232,12 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
         if lr not in sweep:
             sweep[lr] = f"causal_cut_rec_lr{lr:g}"
             runner.run("distill_pythia", "--teacher_logits", records, "--student_init", "pretrained", "--student", rows[0].model,
-                       *data, *training, "--lr", lr, *OBJECTIVES["rec"][1], "--run_name", sweep[lr])
+                       *data, *kd, *training, "--lr", lr, *OBJECTIVES["rec"][1], "--run_name", sweep[lr])
+    temperatures = {sc.temperature: "causal_cut_kl"}  # and the temperature of the live forward KL
+    for t in sc.sweep_temperatures:
+        temperatures[t] = f"causal_cut_kl_T{t:g}"
+        runner.run("distill_pythia", "--teacher", teacher, *starts["cut"], *data, "--temperature", t, *training,
+                   "--lr", sc.lr_cut, *OBJECTIVES["kl"][1], "--run_name", temperatures[t])
 
     from sitra.recipes.eval_lm import label
 
@@ -242,7 +251,7 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
         labels.append(label(m) if label(m) not in seen else m)
         seen.add(labels[-1])
     return report(sc, scale, runner, start, teacher, rows, labels, record_s, eval_s, layers_cut, n_teacher,
-                  dict(sorted(sweep.items())))
+                  dict(sorted(sweep.items())), dict(sorted(temperatures.items())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +277,7 @@ def run_numbers(storage: Path, run: str) -> dict:
 
 
 def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows: list[Row], labels: list[str],
-           record_s: float, eval_s: float, layers_cut: int, n_teacher: int, sweep: dict) -> str:
+           record_s: float, eval_s: float, layers_cut: int, n_teacher: int, sweep: dict, temperatures: dict) -> str:
     from quality_common import final_metrics, parameter_counts
 
     storage = runner.storage
@@ -306,27 +315,29 @@ def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows
         intro, "",
         markdown_table(header, table), "",
         *notes(results, record_s, recorded), "",
-        *sweep_block(storage, sweep), "",
+        *sweep_block(storage, sweep, "lr", "Learning rate (cut student, forward KL from the records, the same budget)"), "",
+        *sweep_block(storage, temperatures, "temperature", "Temperature (cut student, forward KL to the live teacher, the same budget)"), "",
         runner.table(start), "",
     ])
 
 
-def sweep_block(storage: Path, sweep: dict) -> list[str]:
-    """The learning-rate sweep (item 4: is distill_pythia's default far from the best?): each run's
-    own held-out perplexity on val.txt, against the job's default --lr."""
+def sweep_block(storage: Path, runs: dict, flag: str, title: str) -> list[str]:
+    """A sweep of one flag of distill_pythia (item 4: is the job's default far from the best?):
+    each run's own held-out perplexity on val.txt, the job's default marked."""
     from quality_common import final_metrics
 
     from sitra.recipes.distill_pythia import DistillLMArgs
 
-    default = DistillLMArgs.__dataclass_fields__["lr"].default
-    ppl = {lr: final_metrics(storage, run)["distilled/perplexity"] for lr, run in sweep.items()}
+    if len(runs) < 2:
+        return []
+    default = DistillLMArgs.__dataclass_fields__[flag].default
+    ppl = {value: final_metrics(storage, run)["distilled/perplexity"] for value, run in runs.items()}
     best = min(ppl, key=ppl.get)
-    rows = [[f"{lr:g}" + (" (default)" if lr == default else ""), ppl[lr]] for lr in ppl]
-    verdict = (f"distill_pythia's default `--lr {default:g}` is the best of the sweep." if best == default else
-               f"best: `--lr {best:g}`" + (f", {ppl[default] / ppl[best]:.2f}x lower perplexity than the default "
-                                          f"`--lr {default:g}`" if default in ppl else "") + ".")
-    return ["### Learning rate (cut student, forward KL from the records, the same budget)", "",
-            markdown_table(["lr", "held-out perplexity (val.txt)"], rows), "", verdict]
+    rows = [[f"{value:g}" + (" (default)" if value == default else ""), ppl[value]] for value in ppl]
+    verdict = (f"distill_pythia's default `--{flag} {default:g}` is the best of these." if best == default else
+               f"best: `--{flag} {best:g}`" + (f", {ppl[default] / ppl[best]:.2f}x lower perplexity than the default "
+                                               f"`--{flag} {default:g}`" if default in ppl else "") + ".")
+    return [f"### {title}", "", markdown_table([flag, "held-out perplexity (val.txt)"], rows), "", verdict]
 
 
 def fmt_tokens(n: int | None) -> str:

@@ -45,7 +45,7 @@ class Inputs:
 def show_path(path) -> str:
     """A path as a user would type it from the repository root: relative where it lies in the
     repository or beside it (../shared/data/...), else as given."""
-    relative = os.path.relpath(Path(path).resolve(), ROOT)
+    relative = os.path.relpath(os.path.abspath(path), ROOT)  # symlinks kept: ../shared stays ../shared
     return relative if not relative.startswith(os.path.join("..", "..")) else str(path)
 
 

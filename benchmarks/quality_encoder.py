@@ -112,14 +112,16 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
     blocks = ",".join(str(b) for b in range(layers))
     pairs = ",".join(str(b) for b in range(0, layers, 2))
     half = d_k // 2
-    block_runs = [ck / f"block{b}_h{heads}_dk{half}_MSE" for b in range(layers)]
+    block_runs = [ck / f"block{b}_h{heads}_dk{half}_MSE_svd" for b in range(layers)]
     merge_runs = [ck / f"merge{b}_h{heads}_dk{d_k}_ff{ff}_first_MSE" for b in range(0, layers, 2)]
 
     # the teacher
     run_job(runner, scale, "teacher", "finetune_classifier", "--model", teacher, *sst2, *common, "--run_name", "sst2_teacher")
-    # retrained blocks: every attention block at half d_k, one fused task; assembled; fine-tuned the same way
+    # retrained blocks: every attention block at half d_k, started from the teacher's block truncated to it,
+    # one fused task; assembled; fine-tuned the same way
     run_job(runner, scale, "blocks", "retrain_single_block", "--teacher", teacher, "--block", blocks,
-            "--block_heads", heads, "--block_d_k", half, *text_flags(size["blocks"], inputs), *common)
+            "--block_heads", heads, "--block_d_k", half, "--block_init", "teacher_svd", *text_flags(size["blocks"], inputs),
+            *common)
     run_job(runner, scale, "build_retrained", "build_retrained", "--teacher", teacher, "--checkpoints", *block_runs,
             "--output", ck / "retrained_model", "--storage_directory", store, "--overwrite")
     run_job(runner, scale, "sst2_retrained", "finetune_classifier", "--model", ck / "retrained_model", *sst2, *common,
@@ -186,7 +188,9 @@ def notes(scale: str, size: dict, accuracy: dict, layers: int, half: int, d_k: i
         f"- Every SST-2 fine-tuning (teacher, retrained, merged) uses the same flags: "
         f"{budget(s, 'sentences of train.tsv', 'train_fraction')}, {s['validation']} training sentences held out to "
         "choose the checkpoint, dev.tsv evaluated once at the end with it. The distilled student trains as long.",
-        f"- Block retraining: {budget(size['blocks'], lines, 'percentage_data')}; merging: "
+        f"- Block retraining: each student block starts as the teacher's block truncated to d_k {half} "
+        "(`--block_init teacher_svd`: best rank-d_k query-key forms and value maps); "
+        f"{budget(size['blocks'], lines, 'percentage_data')}; merging: "
         f"{budget(size['merge'], 'lines', 'percentage_data')}; conditioned fine-tuning: "
         f"{budget(size['conditioned'], 'lines', 'percentage_data')} per layer.",
         "- Parameters and attention parameters are the stored weights of each final classifier folder (attention: "

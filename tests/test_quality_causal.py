@@ -146,23 +146,31 @@ def test_every_row_of_a_student_starts_from_the_same_weights(toy):
 
 def test_the_commands_are_listed(toy):
     block = toy["block"]
-    assert block.count("python jobs/distill_pythia.py") == 8 + 1  # and one more learning rate of the sweep
+    assert block.count("python jobs/distill_pythia.py") == 8 + 1 + 1  # and one more learning rate and temperature
     assert block.count("python jobs/record_teacher.py") == 1 and block.count("python jobs/eval_lm.py") == 1
     assert block.count("--student_heads 3 --student_intermediate_size") == 4
 
 
-def test_the_sweep_compares_the_runs_own_held_out_perplexity(toy):
+@pytest.mark.parametrize("title,flag,values,runs", [
+    ("Learning rate (cut student, forward KL from the records, the same budget)", "lr", ["0.003", "0.01"],
+     ["causal_cut_rec", "causal_cut_rec_lr0.01"]),
+    ("Temperature (cut student, forward KL to the live teacher, the same budget)", "temperature", ["1 (default)", "2"],
+     ["causal_cut_kl", "causal_cut_kl_T2"])], ids=["lr", "temperature"])
+def test_the_sweeps_compare_the_runs_own_held_out_perplexity(toy, title, flag, values, runs):
     from quality_common import final_metrics
 
+    from sitra.results import read_log
+
     lines = toy["block"].splitlines()
-    start = lines.index("### Learning rate (cut student, forward KL from the records, the same budget)")
-    rows = table_rows("\n".join(lines[start:]))[:2]
+    rows = table_rows("\n".join(lines[lines.index(f"### {title}"):]))
     work = toy["dir"] / "work"
-    assert [r[0] for r in rows] == ["0.003", "0.01"]
-    for r, run in zip(rows, ("causal_cut_rec", "causal_cut_rec_lr0.01")):
+    assert [r[0] for r in rows] == values
+    for r, run in zip(rows, runs):
         assert number(r[1]) == pytest.approx(final_metrics(work, run)["distilled/perplexity"], rel=1e-3)
-    best = min(rows, key=lambda r: number(r[1]))[0]
-    assert f"best: `--lr {best}`" in toy["block"]
+        assert read_log(work / "eval_results" / f"{run}.h5")["config"][flag] == float(r[0].split()[0])
+    best = min(rows, key=lambda r: number(r[1]))[0].split()[0]
+    verdict = next(line for line in lines[lines.index(f"### {title}"):] if line.startswith(("best", "distill_pythia's")))
+    assert f"`--{flag} {best}`" in verdict
 
 
 def test_narrow_shape_matches_the_parameter_count_of_smollm2_halved():
