@@ -1,9 +1,9 @@
-"""Peak memory and time of large-vocabulary logit distillation: plain loss vs chunked_logit_loss.
+"""Peak memory and time of large-vocabulary logit distillation: the plain loss, chunked_logit_loss, chunked_distill_loss.
 
 What it measures: forward + backward of the forward-KL distillation loss (temperature 2) from the
 hidden states through the LM heads, at vocab 50,304, batch 4 x 512 positions, hidden 128 for both
 models (student head a trainable `nn.Linear(128, 50304, bias=False)`, teacher head frozen), fp32,
-with ~10% of the positions masked out as padding. Two ways of computing it:
+with ~10% of the positions masked out as padding. Three ways of computing it:
 
 - plain:      LOGIT_LOSSES["forward_kl"](student_head(h_s), teacher_head(h_t), mask, T)
               (the full [positions, vocab] logits of both models exist, plus their softmaxes)
@@ -12,19 +12,25 @@ with ~10% of the positions masked out as padding. Two ways of computing it:
               (each chunk's logits are computed inside the loop together with that chunk's
               gradients into h_s and the head weight, then freed; backward only scales the
               stored gradients: nothing is recomputed)
+- analytic K: chunked_distill_loss(h_s, student_head, h_t, teacher_head, mask, chunks=K,
+              temperature=T)
+              (the same pieces, but each piece's gradient in its logits is computed directly,
+              T (softmax(s/T) - softmax(t/T)) / n on buffers kept across pieces, and taken through
+              the head by matmul: no autograd graph over the [piece, vocab] softmaxes)
 
 How memory is measured (see BENCHMARKS.md): each variant runs in a fresh process started with
 `MALLOC_MMAP_THRESHOLD_=131072` and a fixed number of torch threads. Inside it, after the inputs
 and heads are built, the resident size (VmRSS) is read, the peak (VmHWM) is reset where the
 kernel allows it, the measured work runs once, and "peak MiB above inputs" is VmHWM minus that
-resident size. Each variant runs in --rounds processes, the variants interleaved (plain, 16, 32,
-plain, ...) so that load from other processes falls on all alike; the peak is the largest of them
-and the time the median over all their --reps runs (the first ones included). The child
+resident size. Each variant runs in --rounds processes, the variants interleaved (plain,
+chunked 16, chunked 32, analytic 16, analytic 32, plain, ...) so that load from other processes
+falls on all alike; the peak is the largest of them and the time the median over all their
+--reps runs (the first ones included). The child
 saves the loss and the gradients of h_s and of the student head weight to a .pt file, and the
-parent compares every chunked variant with plain: relative difference = max |chunked - plain|
-over the tensor / max |plain| (for the loss, |chunked - plain| / |plain|).
+parent compares every other variant with plain: relative difference = max |variant - plain|
+over the tensor / max |plain| (for the loss, |variant - plain| / |plain|).
 
-Run (the real configuration, a few minutes on 2 CPU cores):
+Run (the real configuration, 5-10 minutes on 2 loaded CPU cores):
 
     python benchmarks/chunked_kd_loss.py
 
@@ -32,9 +38,9 @@ Quick smoke test:
 
     python benchmarks/chunked_kd_loss.py --vocab 5000 --positions 256
 
-Targets: the chunked loss (16 and 32 chunks) with peak memory at most 1/8 of the plain loss's,
-time at most 1.3x the plain loss's, and loss and gradients equal to the plain ones within 1e-6
-relative.
+Targets (checked for both chunked variants at 16 and 32 chunks): peak memory at most 1/8 of the
+plain loss's, time at most 1.3x the plain loss's, and loss and gradients equal to the plain ones
+within 1e-6 relative.
 """
 import argparse
 import json
@@ -50,7 +56,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from sitra.losses import LOGIT_LOSSES, chunked_logit_loss
+from sitra.losses import LOGIT_LOSSES, chunked_distill_loss, chunked_logit_loss
 
 MIB = 2**20
 TOLERANCE = 1e-6  # relative difference of loss and gradients to plain
@@ -101,12 +107,15 @@ def run_variant(args):
     loss_fn = LOGIT_LOSSES["forward_kl"]
 
     def work():
-        if args.variant == "plain":
+        kind, _, chunks = args.variant.partition("_")
+        if kind == "plain":
             loss = loss_fn(student_head(h_s), teacher_head(h_t), mask, args.temperature)
-        else:
-            chunks = int(args.variant.split("_")[1])
+        elif kind == "chunked":
             loss = chunked_logit_loss(loss_fn, h_s, student_head, h_t, teacher_head, mask,
-                                      chunks=chunks, temperature=args.temperature)
+                                      chunks=int(chunks), temperature=args.temperature)
+        else:
+            loss = chunked_distill_loss(h_s, student_head, h_t, teacher_head, mask, chunks=int(chunks),
+                                        temperature=args.temperature)
         loss.backward()
         return loss.detach()
 
@@ -161,7 +170,7 @@ def main(args):
           f"student weight gradient = {args.vocab * args.hidden * 4 / MIB:.1f} MiB\n")
     load_before = os.getloadavg()[0]
 
-    variants = ["plain"] + [f"chunked_{k}" for k in args.chunks]
+    variants = ["plain"] + [f"{kind}_{k}" for kind in ("chunked", "analytic") for k in args.chunks]
     reports, results = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):  # interleaved, so load from elsewhere hits every variant alike
@@ -192,13 +201,13 @@ def main(args):
         if variant == "plain":
             name, diffs = "plain", "| - | - | - "
         else:
-            k = variant.split("_")[1]
-            name = f"chunked, {k} chunks"
+            kind, k = variant.split("_")
+            name = f"{kind}, {k} chunks"
             d = [rel(variant, key) for key in ("loss", "h_s", "weight")]
             diffs = "".join(f"| {x:.1e} " for x in d)
-            verdicts += [(mem <= MEMORY_TARGET, f"{k} chunks: peak memory {mem:.3f} of plain (target <= {MEMORY_TARGET:.3f})"),
-                         (tim <= TIME_TARGET, f"{k} chunks: time {tim:.2f}x plain (target <= {TIME_TARGET}x)"),
-                         (max(d) <= TOLERANCE, (f"{k} chunks: largest relative difference of loss and gradients "
+            verdicts += [(mem <= MEMORY_TARGET, f"{name}: peak memory {mem:.3f} of plain (target <= {MEMORY_TARGET:.3f})"),
+                         (tim <= TIME_TARGET, f"{name}: time {tim:.2f}x plain (target <= {TIME_TARGET}x)"),
+                         (max(d) <= TOLERANCE, (f"{name}: largest relative difference of loss and gradients "
                                                 f"{max(d):.1e} (target <= {TOLERANCE:.0e})"))]
         print(f"| {name} | {r['peak_mib']:,.1f} | {mem:.3f} | {r['time_s']:.3f} | {tim:.2f} {diffs}| {r['loss']:.7f} |")
     if not all(r["hwm_reset"] for r in reports.values()):

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _masked_mean(elementwise, mask):
@@ -169,6 +170,29 @@ class _ChunkGrads(torch.autograd.Function):
         return (None, grad_hidden, *(None if g is None else g.mul_(scale).to(dtype) for g, dtype in grads))
 
 
+def _add_grads(grads, got):
+    """Add one piece's parameter gradients `got` into grads[i] = (accumulator, dtype of the parameter)."""
+    for i, g in enumerate(got):
+        if g is None:
+            continue
+        acc, dtype = grads[i]
+        if acc is None:  # the first piece's gradient becomes the accumulator (fp32 at least)
+            acc = g.float() if g.is_floating_point() and g.element_size() < 4 else g
+            if acc is g and (not g.is_contiguous() or any(g is o for j, o in enumerate(got) if j != i)):
+                acc = g.clone(memory_format=torch.contiguous_format)  # expanded, or handed to two leaves
+        else:
+            acc.add_(g)
+        grads[i] = (acc, dtype)
+
+
+def _new_leaves(params, grads, root, skip):
+    """Append to params (and a None accumulator to grads) the leaves reached from `root` not yet there."""
+    for leaf in _leaves(root, skip):
+        if not any(leaf is p for p in params):
+            params.append(leaf)
+            grads.append((None, leaf.dtype))
+
+
 def _chunked(piece_loss, student_hidden, student_head, mask, chunks):
     """sum over position pieces of piece_loss(student_logits, start, end, piece_mask) * n_masked_in_piece,
     divided by the number of masked positions, never holding more than one piece's logits.
@@ -203,10 +227,7 @@ def _chunked(piece_loss, student_hidden, student_head, mask, chunks):
         total = total + loss.detach() * piece.sum()
         if not loss.requires_grad:
             continue
-        for leaf in _leaves(loss.grad_fn, h):
-            if not any(leaf is p for p in params):
-                params.append(leaf)
-                grads.append((None, leaf.dtype))
+        _new_leaves(params, grads, loss.grad_fn, h)
         # seeded with n_piece / n, so the 1/n of the mean enters where it does in the plain loss (before
         # the softmax backward and the head's matmul over V): the same rounding, not just the same value
         got = torch.autograd.grad(loss, ([h] if want_hidden else []) + params, piece.sum() / n, allow_unused=True)
@@ -215,17 +236,7 @@ def _chunked(piece_loss, student_hidden, student_head, mask, chunks):
             if got[0] is not None:
                 grad_hidden[a:b] = got[0]
             got = got[1:]
-        for i, g in enumerate(got):
-            if g is None:
-                continue
-            acc, dtype = grads[i]
-            if acc is None:  # the first piece's gradient becomes the accumulator (fp32 at least)
-                acc = g.float() if g.is_floating_point() and g.element_size() < 4 else g
-                if acc is g and (not g.is_contiguous() or any(g is o for j, o in enumerate(got) if j != i)):
-                    acc = g.clone(memory_format=torch.contiguous_format)  # expanded, or handed to two leaves
-            else:
-                acc.add_(g)
-            grads[i] = (acc, dtype)
+        _add_grads(grads, got)
         del got
     if not want_hidden and not params:  # nothing here requires grad
         return total / n
@@ -253,6 +264,202 @@ def chunked_logit_loss(loss_fn, student_hidden, student_head, teacher_hidden, te
         return loss_fn(s_logits, t_logits, piece, **extra, **kw)
 
     return _chunked(piece_loss, student_hidden, student_head, mask, chunks)
+
+
+def _sliced(head, vocab):
+    """head, or its first `vocab` outputs."""
+    return head if vocab is None else (lambda h: head(h)[..., :vocab])
+
+
+def _plain_linear(head, hidden, vocab):
+    """(weight, bias) of head, detached and cut to `vocab` rows, when it is an fp32 nn.Linear run as
+    nn.Linear runs (no hooks, no autocast): its logits and their gradients are then plain matmuls;
+    else None."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    hooks = [getattr(head, k, None) for k in kinds] + [getattr(nn.modules.module, "_global" + k, None) for k in kinds]
+    if (type(head) is not nn.Linear or any(hooks) or torch.is_autocast_enabled(hidden.device.type)
+            or head.weight.dtype != torch.float32 or hidden.dtype != torch.float32):
+        return None
+    cut = slice(None, vocab)
+    return head.weight.detach()[cut], None if head.bias is None else head.bias.detach()[cut]
+
+
+def _linear_into(out, h, weight, bias, temperature=1.0):
+    """F.linear(h, weight, bias) / temperature written into `out` (the 1/T taken on h and bias)."""
+    if temperature != 1:
+        h, bias = h / temperature, None if bias is None else bias / temperature
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _exact_division(T):
+    """Whether x / T is exact (T a power of 2), so it may be taken anywhere with the same result."""
+    return math.frexp(T)[0] == 0.5
+
+
+def _forward_kl_ce(s, t, targets, temperature, kd_scale, ce_scale, X, Y, Z, want_grad, divided=False, scored=None):
+    """(sum over scored rows of KL(p_T || p_S), of CE(s, targets), G, g) of one piece: the gradient
+    of kd_scale * T^2 * KL + ce_scale * CE in the student logits is g * G (0 in rows not scored).
+
+    s, t: student and teacher logits [n, V], read only (t may be X; t None: no divergence, targets
+    None: no CE), or logits / T when `divided` (then targets must be None or T 1); X, Y, Z: fp32
+    [n, V] buffers; scored: [n] bool, the rows that count (None: all). With p = softmax(logits / T),
+    the gradient row by row is
+
+        kd_scale * T * (p_S - p_T) + ce_scale * (softmax(s) - onehot(target))
+
+    (where p_T is 0, 0 log 0 = 0 gives its term and its gradient 0). The divergence's part is taken
+    as autograd takes it, log-softmax backward of -kd_scale T^2 p_T: g - p_S sum(g), so with the
+    plain loss's rounding (sum_v p_T is 1 only to ~1e-6 after exp(log p_T), and p_S - p_T cancels).
+    G is left in X or Z; with T = 1 the one student log-softmax serves both terms.
+    """
+    T = float(temperature)
+    scaled = T == 1 or divided
+    rows = slice(None) if scored is None else scored
+    kl = ce = G = None
+    g = 1.0
+    if t is not None:
+        torch.log_softmax(t if scaled else torch.div(t, T, out=X), -1, out=Y)  # log p_T
+        torch.log_softmax(s if scaled else torch.div(s, T, out=X), -1, out=Z)  # log p_S
+        torch.sub(Y, Z, out=X)
+        kl = X.mul_(Y.exp_()).sum(-1)[rows].sum()  # Y is p_T from here on
+        if kl.isnan():  # only 0 * -inf where the teacher gives 0 (or a nan in the logits: it stays)
+            kl = torch.where(Y > 0, X, 0.0).sum(-1)[rows].sum()
+        if want_grad:
+            G = torch._log_softmax_backward_data(Y.mul_(-kd_scale * T * T), Z, -1, torch.float32, out=X)
+            if _exact_division(T):  # the 1/T of logits / T is left to g, for the head's matmuls
+                g = 1 / T
+            else:
+                G.div_(T)
+    if targets is not None:
+        log_p = Z if t is not None and T == 1 else torch.log_softmax(s, -1, out=Z if t is None else Y)
+        at = (torch.arange(len(s), device=s.device)[rows], targets[rows])  # (row, target) of each scored row
+        ce = -log_p[at].sum()
+        if want_grad:
+            p = log_p.exp_()  # softmax(s)
+            if G is None:
+                G = p.mul_(ce_scale)
+            else:
+                G.add_(p, alpha=ce_scale / g)
+            G.index_put_(at, G.new_tensor(-ce_scale / g), accumulate=True)
+    if G is not None and scored is not None:
+        G[~scored] = 0.0
+    return kl, ce, G, g
+
+
+def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask, targets=None, *,
+                         chunks: int = 16, vocab: int | None = None, divergence: str = "forward_kl",
+                         temperature: float = 1.0, beta: float = 0.5, kd_weight: float = 1.0, ce_weight: float = 0.0):
+    """distill_loss(student_head(h_s)[..., :vocab], teacher_head(h_t)[..., :vocab], mask, targets,
+    divergence=..., ...)[0], chunked as chunked_logit_loss is (one piece's logits at a time, each
+    piece's gradients taken in the loop, nothing recomputed in backward), and for forward KL and
+    cross-entropy without autograd through the softmaxes.
+
+    hidden [N, H], mask [N], targets [N] or None (no CE term); heads H -> V as in
+    chunked_logit_loss, `vocab` cuts both to their first `vocab` logits. teacher_hidden None leaves
+    the divergence out (loss = ce_weight * CE; so does kd_weight 0). The gradient in each piece's
+    logits is computed directly (see _forward_kl_ce) on three or four [n, V] buffers kept across pieces,
+    then taken through the student head by matmul when it is a plain fp32 nn.Linear (its weight
+    and bias, tied or not, get their gradients as inputs of _ChunkGrads), else by
+    torch.autograd.grad(logits, ..., that gradient) (any head: a function, a slice, autocast).
+    Other divergences take chunked_logit_loss's path. Value and gradients equal the plain loss's.
+    """
+    kd = teacher_hidden is not None and kd_weight != 0
+    with_ce = targets is not None and ce_weight != 0
+    if teacher_hidden is None and not with_ce:
+        raise ValueError("chunked_distill_loss: no teacher and no cross-entropy (targets, ce_weight): nothing to compute")
+    if (kd and divergence != "forward_kl") or not (kd or with_ce):
+        def dense(s_logits, t_logits, piece, targets=None):
+            return distill_loss(s_logits, t_logits, piece, targets, divergence=divergence, temperature=temperature,
+                                beta=beta, kd_weight=kd_weight, ce_weight=ce_weight)[0]
+
+        return chunked_logit_loss(dense, student_hidden, _sliced(student_head, vocab), teacher_hidden,
+                                  _sliced(teacher_head, vocab), mask, chunks, targets=targets)
+
+    if with_ce and bool((targets[mask] < 0).any()):  # (an ignore_index such as -100 would index from the end)
+        raise ValueError("chunked_distill_loss: targets must be class ids where mask is True")
+    count = int(mask.sum())
+    n = mask.sum().clamp(min=1)
+    # whole pieces, as chunked_logit_loss cuts them (the head's matmuls then take the shapes, and so
+    # the rounding, of the plain loss's); rows not scored get a gradient of 0
+    pieces = [(a, b, mask[a:b]) for a, b in _pieces(len(mask), chunks)]
+    pieces = [(a, b, None if piece.all() else piece) for a, b, piece in pieces if piece.any()]
+    if not pieces:  # 0, but in the graph when grad is on: an empty mask still backpropagates (zeros)
+        return _sliced(student_head, vocab)(student_hidden[:0]).float().sum() / n
+
+    grad_on = torch.is_grad_enabled()
+    hidden = student_hidden.detach()
+    want_hidden = grad_on and student_hidden.requires_grad
+    grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+    linear = _plain_linear(student_head, hidden, vocab)
+    t_linear = _plain_linear(teacher_head, teacher_hidden, vocab) if kd else None
+    T = float(temperature)
+    # plain heads take an exact 1/T on the hidden states ([n, H]) instead of on the logits ([n, V])
+    if t_linear is not None and linear is not None and t_linear[0].shape != linear[0].shape:
+        t_linear = None  # a mismatch: the teacher runs as a module, the shapes are checked below
+    divide_hidden = (linear is not None and (t_linear is not None or not kd) and (T == 1 or not with_ce)
+                     and _exact_division(T))
+    params, grads = [], []  # grads[i]: (accumulated gradient, dtype of params[i])
+    if linear is not None and grad_on:
+        for full, used in zip((student_head.weight, student_head.bias), linear):
+            if used is not None and full.requires_grad:
+                params.append(full)
+                grads.append((torch.zeros_like(full), full.dtype))
+    kl_sum = ce_sum = torch.zeros((), device=mask.device)
+    buffers = None
+    for a, b, scored in pieces:
+        h = hidden[a:b]
+        if linear is None:
+            logits = _sliced(student_head, vocab)(h.requires_grad_(want_hidden))
+            s = logits.detach().float()
+        if buffers is None:  # fp32 [rows of the largest piece, V], reused by every piece
+            size = (max(b - a for a, b, _ in pieces), linear[0].shape[0] if linear is not None else s.shape[-1])
+            buffers = [torch.empty(size, device=hidden.device) for _ in range(3 + (linear is not None))]
+        X, Y, Z = (buffer[:b - a] for buffer in buffers[:3])
+        if linear is not None:
+            s = _linear_into(buffers[3][:b - a], h, *linear, T if divide_hidden else 1.0)
+        t = None
+        if kd:
+            with torch.no_grad():
+                t_h = teacher_hidden[a:b]
+                if t_linear is not None:
+                    t = _linear_into(X, t_h, *t_linear, T if divide_hidden else 1.0)
+                else:
+                    t = _sliced(teacher_head, vocab)(t_h).float()
+            if t.shape != s.shape:
+                raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ")
+        want_grad = want_hidden or bool(params) or (linear is None and logits.requires_grad)
+        kl, ce, G, g = _forward_kl_ce(s, t, targets[a:b] if with_ce else None, T, kd_weight / count,
+                                      ce_weight / count, X, Y, Z, want_grad, divided=divide_hidden, scored=scored)
+        kl_sum = kl_sum if kl is None else kl_sum + kl
+        ce_sum = ce_sum if ce is None else ce_sum + ce
+        if not want_grad:
+            continue
+        if linear is not None:  # the head's backward as plain matmuls, g folded into them
+            weight, used = linear[0], slice(None, linear[0].shape[0])
+            if want_hidden:
+                torch.mm(G, weight, out=grad_hidden[a:b]).mul_(g)
+            for p, (acc, _) in zip(params, grads):  # the head's weight, then its bias
+                if p is student_head.weight:
+                    acc[used].addmm_(G.t(), h, alpha=g)
+                else:
+                    acc[used].add_(G.sum(0), alpha=g)
+            continue
+        _new_leaves(params, grads, logits.grad_fn, h)
+        got = torch.autograd.grad(logits, ([h] if want_hidden else []) + params, G.mul_(g).to(logits.dtype),
+                                  allow_unused=True)
+        del logits
+        if want_hidden:
+            if got[0] is not None:
+                grad_hidden[a:b] = got[0]
+            got = got[1:]
+        _add_grads(grads, got)
+        del got
+    total = kd_weight * T**2 * kl_sum + ce_weight * ce_sum
+    if not want_hidden and not params:
+        return total / n
+    return _ChunkGrads.apply((total, n, grad_hidden, grads), student_hidden, *params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,9 +143,11 @@ def test_missing_shards_and_changed_settings_are_refused(lms, tmp_path):
 
 
 def test_sampled_records_are_draws_from_the_teacher(lms, tmp_path, monkeypatch):
-    record(lms, tmp_path / "a", teacher_logits_sampling="random", top_k=64, log_prob_dtype="float32", batch_size=8)
+    record(lms, tmp_path / "a", teacher_logits_sampling="random", top_k=64, log_prob_dtype="float32", batch_size=8,
+           temperature=2.0)
     monkeypatch.setattr(record_teacher, "POSITIONS_PER_PIECE", 40)  # other batches, other logit pieces: the same draws
-    record(lms, tmp_path / "b", teacher_logits_sampling="random", top_k=64, log_prob_dtype="float32", batch_size=3)
+    record(lms, tmp_path / "b", teacher_logits_sampling="random", top_k=64, log_prob_dtype="float32", batch_size=3,
+           temperature=2.0)
     a, b = records.TeacherRecords(tmp_path / "a"), records.TeacherRecords(tmp_path / "b")
     train, _ = corpus(lms)
     got = own_positions(a, lms, list(range(10)), 33)
@@ -565,7 +567,7 @@ def test_records_of_other_tokenizers_data_or_settings_are_refused(lms, tmp_path)
                                                f"--teacher_logits {rec}'s ("),
         (dict(train_file=str(d / "other_train.txt")), f"--teacher_logits {rec}: recorded on other training text"),
         (dict(max_seq_length=24), f"--max_seq_length 24: the records at --teacher_logits {rec} were made with 32"),
-        (dict(temperature=1.0), "--temperature 1.0: the records at"),
+        (dict(temperature=2.0), "--temperature 2.0: the records at"),  # recorded at the job's default, 1
         (dict(teacher_logits_sampling="random"), "--teacher_logits_sampling random: the records at"),
         (dict(loss="mse"), "--loss mse: compares raw logits, which records do not keep"),
         (dict(hidden_weight=1.0), "--hidden_weight 1.0: needs the teacher's hidden states"),

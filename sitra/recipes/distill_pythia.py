@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -330,9 +329,6 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
     def student_head(h):
         return lm_head(module.student)(h)[..., :V]
 
-    def teacher_head(h):
-        return lm_head(teacher)(h)[..., :V]
-
     def logit_loss(batch, s, t, flat, targets, with_ce):
         """The objective over the scored positions, chunked; on-policy batches leave the CE out
         (their targets are the student's own samples), the divergence keeps its weight. Only the
@@ -342,18 +338,12 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
         kw = objective if with_ce else objective | {"ce_weight": 0.0}
 
         if t is None and rec is None:  # cross-entropy only (--kd_weight 0): no teacher
-            def next_token_ce(s_logits, mask, targets):
-                return F.cross_entropy(s_logits[mask].float(), targets[mask]) if mask.any() else s_logits.sum() * 0
-
-            return losses.chunked_record_loss(next_token_ce, hidden, student_head, (), every, chunks=args.loss_chunks,
-                                              targets=targets)
+            return losses.chunked_distill_loss(hidden, lm_head(module.student), None, None, every, targets,
+                                               chunks=args.loss_chunks, vocab=V, ce_weight=1.0)
         if rec is None:
-            def dense(s_logits, t_logits, mask, targets):
-                return losses.distill_loss(s_logits, t_logits, mask, targets if with_ce else None, **kw)[0]
-
             t_hidden = t.last_hidden_state[:, :-1].reshape(flat.numel(), -1)[flat]  # indexing copies out of inference mode
-            return losses.chunked_logit_loss(dense, hidden, student_head, t_hidden, teacher_head, every,
-                                             chunks=args.loss_chunks, targets=targets)
+            return losses.chunked_distill_loss(hidden, lm_head(module.student), t_hidden, lm_head(teacher), every,
+                                               targets if with_ce else None, chunks=args.loss_chunks, vocab=V, **kw)
 
         def recorded(s_logits, *pieces_mask, targets=None):
             *pieces, mask = pieces_mask

@@ -206,12 +206,8 @@ def summary_kd_loss(student, teacher, batch, objective: dict, chunks: int = 1):
         t = final_hidden(teacher, batch).last_hidden_state[:, :-1][scored_positions(batch)]
     s, targets = student_positions(student, batch)
     every = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
-
-    def logit_loss(s_logits, t_logits, mask, targets):
-        return losses.distill_loss(s_logits, t_logits, mask, targets, **objective)[0]
-
-    return losses.chunked_logit_loss(logit_loss, s, lm_head(student), t.clone(), lm_head(teacher), every,
-                                     chunks=chunks, targets=targets)
+    return losses.chunked_distill_loss(s, lm_head(student), t.clone(), lm_head(teacher), every, targets,
+                                       chunks=chunks, **objective)
 
 
 def summary_record_loss(student, batch, rec: records.TeacherRecords, objective: dict, chunks: int = 1):
