@@ -170,6 +170,16 @@ class _ChunkGrads(torch.autograd.Function):
         return (None, grad_hidden, *(None if g is None else g.mul_(scale).to(dtype) for g, dtype in grads))
 
 
+def _store_grads(got, want_hidden: bool, grad_hidden, a: int, b: int, grads: list):
+    """A piece's torch.autograd.grad results: the hidden states' rows a:b (first, when wanted),
+    then the leaves' gradients added to their accumulators."""
+    if want_hidden:
+        if got[0] is not None:
+            grad_hidden[a:b] = got[0]
+        got = got[1:]
+    _add_grads(grads, got)
+
+
 def _add_grads(grads, got):
     """Add one piece's parameter gradients `got` into grads[i] = (accumulator, dtype of the parameter)."""
     for i, g in enumerate(got):
@@ -232,11 +242,7 @@ def _chunked(piece_loss, student_hidden, student_head, mask, chunks):
         # the softmax backward and the head's matmul over V): the same rounding, not just the same value
         got = torch.autograd.grad(loss, ([h] if want_hidden else []) + params, piece.sum() / n, allow_unused=True)
         del loss
-        if want_hidden:
-            if got[0] is not None:
-                grad_hidden[a:b] = got[0]
-            got = got[1:]
-        _add_grads(grads, got)
+        _store_grads(got, want_hidden, grad_hidden, a, b, grads)
         del got
     if not want_hidden and not params:  # nothing here requires grad
         return total / n
@@ -450,11 +456,7 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
         got = torch.autograd.grad(logits, ([h] if want_hidden else []) + params, G.mul_(g).to(logits.dtype),
                                   allow_unused=True)
         del logits
-        if want_hidden:
-            if got[0] is not None:
-                grad_hidden[a:b] = got[0]
-            got = got[1:]
-        _add_grads(grads, got)
+        _store_grads(got, want_hidden, grad_hidden, a, b, grads)
         del got
     total = kd_weight * T**2 * kl_sum + ce_weight * ce_sum
     if not want_hidden and not params:
