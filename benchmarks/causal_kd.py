@@ -10,7 +10,7 @@ Without the WikiText-2 files the built-in Python-docs paragraphs are used (and t
 
 - sitra: `distill_pythia --teacher T --student S --train_file F --eval_file E --max_seq_length 256
   --batch_size 8 --max_steps N`: nothing else, so its default batching (length-grouped, padded to
-  the longest line of the batch), loss (forward KL at T 2 plus CE) and chunked logits.
+  the longest line of the batch), loss (forward KL at T 1 plus CE, 0.5 each) and chunked logits.
 - TRL: `GKDTrainer` with lmbda 0 and beta 0 (off-policy forward KL), the same models, examples,
   batch, steps and learning rate, every example padded to 256 as in BENCHMARKS.md (its default
   collator expects chat messages; plain text needs a collator, and this one pads to max_length).
