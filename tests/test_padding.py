@@ -142,6 +142,33 @@ def test_logits_only_at_scored_positions_and_the_loss_is_unchanged(pair, tmp_pat
         torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-7)
 
 
+def test_a_padded_batch_scores_each_line_as_if_it_were_alone(pair, tmp_path):
+    """Per document: the loss of a padded, length-grouped batch is the token-weighted mean of each
+    line's loss computed alone (no padding, no neighbours), gradients too: padding changes nothing."""
+    args = pythia_args(pair, tmp_path, temperature=1.0, kd_weight=0.5, ce_weight=0.5)
+    setup = distill_pythia.check(args)
+    teacher = models.load_model(pair["teacher"], "cpu", auto=AutoModelForCausalLM)
+    student = models.load_model(pair["student"], auto=AutoModelForCausalLM, trainable=True, dtype=torch.float32).train()
+    module = distill_pythia.Distillation(student, 32, 64, 1)
+    step_loss, _ = distill_pythia.distillation_loss(args, setup, module, teacher, pair["tokenizer"])
+    ids = pair["tokenizer"](pair["lines"][10:16], truncation=True, max_length=40)["input_ids"]
+    collate = data.CausalCollator(0)
+    batch = collate(ids)
+    assert not data.shifted(batch)[0].all()
+    loss, _ = step_loss(batch)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    weights = [len(x) - 1 for x in ids]  # scored positions of each line
+    alone_loss, alone_grads = 0.0, [torch.zeros_like(p) for p in student.parameters()]
+    for x, w in zip(ids, weights):
+        one, _ = step_loss(collate([x]))
+        alone_loss += one.item() * w / sum(weights)
+        for acc, g in zip(alone_grads, torch.autograd.grad(one, list(student.parameters()))):
+            acc.add_(g, alpha=w / sum(weights))
+    assert loss.item() == pytest.approx(alone_loss, rel=1e-5)
+    for g, want in zip(grads, alone_grads):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("sampling", ["top_k", "random"])
 def test_records_do_not_depend_on_the_batches_they_were_recorded_in(pair, tmp_path, sampling):
     """Recording pads little (length-grouped batches); every example's record equals the one made
