@@ -144,3 +144,11 @@ def test_runner_in_a_fresh_process_raises_with_the_tail_of_the_jobs_stderr(tmp_p
     with pytest.raises(RuntimeError, match=r"exit code 2\):\nfinetune_classifier.py: error: --train_file x.tsv: no such file"):
         runner.run("finetune_classifier", "--model", str(tmp_path / "none"), "--train_file", "x.tsv")
     assert "no such file" in capsys.readouterr().err  # passed through as the job wrote it
+
+
+def test_the_header_of_a_rerun_gives_the_jobs_first_run_minutes(tmp_path):
+    """A rerun finds the jobs finished and takes minutes where they took an hour: the header says both."""
+    first = quality.header(["--sections", "encoder"], wall_s=3600, jobs_s=3500, sections=["encoder"], workdir=tmp_path)
+    rerun = quality.header(["--sections", "encoder"], wall_s=300, jobs_s=3600, sections=["encoder"], workdir=tmp_path)
+    assert "60.0 minutes in all (encoder)." in first and "first ran" not in first
+    assert "5.0 minutes in all (encoder) (the jobs took 60 minutes when each first ran" in rerun
