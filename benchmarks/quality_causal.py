@@ -330,7 +330,7 @@ def sweep_block(storage: Path, runs: dict, flag: str, title: str) -> list[str]:
 
     if len(runs) < 2:
         return []
-    default = DistillLMArgs.__dataclass_fields__[flag].default
+    default = getattr(DistillLMArgs(student_init="teacher_layers"), flag)  # the cut student's default
     ppl = {value: final_metrics(storage, run)["distilled/perplexity"] for value, run in runs.items()}
     best = min(ppl, key=ppl.get)
     rows = [[f"{value:g}" + (" (default)" if value == default else ""), ppl[value]] for value in ppl]

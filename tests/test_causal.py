@@ -242,3 +242,15 @@ def test_student_flags_refused_before_any_model_loads(lms, tmp_path, kw, message
 
     with pytest.raises(UsageError, match=message):
         distill_pythia.check(distill_args(lms, tmp_path, **kw))
+
+
+def test_the_learning_rate_default_follows_the_students_start(lms, tmp_path):
+    """1e-4 for a pretrained student (a warm start), LR_FROM_SCRATCH for one cut from the teacher
+    or random; a given --lr is kept, and the card and log record the rate used."""
+    assert distill_args(lms, tmp_path, lr=None).lr == 1e-4
+    for init in ("teacher_layers", "random"):
+        assert distill_args(lms, tmp_path, lr=None, student_init=init).lr == distill_pythia.LR_FROM_SCRATCH == 1e-3
+    assert distill_args(lms, tmp_path, lr=3e-4, student_init="random").lr == 3e-4
+    run = distill_pythia.run(distill_args(lms, tmp_path, lr=None, student_init="teacher_layers", max_steps=1, eval_steps=1))
+    assert read_log(run.log_path)["config"]["lr"] == 1e-3
+    assert "lr 0.001," in (run.checkpoint_dir / "model" / "README.md").read_text()

@@ -43,6 +43,7 @@ from sitra.models.causal import (
 from sitra.train import TrainArgs, check_train_args, held_out_mean, train
 
 JOB = "distill_pythia"
+LR_FROM_SCRATCH = 1e-3  # --lr's default for teacher_layers and random students
 
 
 @dataclass(kw_only=True)
@@ -72,12 +73,19 @@ class DistillLMArgs(TrainArgs, TextDataArgs, LengthGroupingArgs, KDArgs, Records
     loss_chunks: int = field(default=4, metadata={
         "help": "scored positions are cut into this many pieces for the logit losses (1: plain; more: less memory, more time)"})
     eval_stride: int | None = field(default=None, metadata={"help": "sliding-window stride of the perplexity evaluation (default: half the window)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (AdamW; default: 1e-4 for a pretrained "
+                                                             "student, 1e-3 for a student cut from the teacher or random)"})
     dataset_config: str | None = field(default="wikitext-2-raw-v1", metadata={"help": "datasets config name"})
     on_policy_fraction: float = field(default=0.0, metadata={
         "help": "fraction in [0, 1] of training batches made of continuations the student samples from the batch's prompts"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens the student samples per on-policy prompt"})
     sampling_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of on-policy sampling"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr is None:  # a cut or random student is far from any good model: at 1e-4 a cut SmolLM2 student
+            # ended at 10x the held-out perplexity of 1e-3 (benchmarks/quality.py's learning-rate sweep)
+            self.lr = 1e-4 if self.student_init == "pretrained" else LR_FROM_SCRATCH
 
 
 def parse_layer_map(text: str | None, student_layers: int, teacher_layers: int, flag: str = "--layer_map") -> list[tuple[int, int]]:
