@@ -51,7 +51,7 @@ class DistillLMArgs(TrainArgs, TextDataArgs, LengthGroupingArgs, KDArgs, Records
     teacher: str = field(default="EleutherAI/pythia-160m", metadata={"teacher_source": True, "help": "causal LM: hub id, local folder or .gguf file (de-quantised on load)"})
     student: str | None = field(default="EleutherAI/pythia-70m", metadata={"help": "the model the student starts from (--student_init pretrained): hub id, folder or .gguf file"})
     student_init: Literal["pretrained", "teacher_layers", "random"] = student_init_field("pretrained", "pretrained", "teacher_layers", "random")
-    # T 1: at T 2 a cut SmolLM2 student reached 3.4x the held-out perplexity of T 1 at the same budget (benchmarks/quality.py)
+    # T 1: at T 2 a cut SmolLM2 student reached 1.6x the held-out perplexity of T 1 at the same budget (benchmarks/quality.py)
     temperature: float = kd_field("temperature", 1.0)
     student_heads: int | None = field(default=None, metadata={"bounds": {"min": 1}, "help":
         "attention heads of a random student (--student_init random; default: the teacher's), each of the teacher's head "
