@@ -235,6 +235,10 @@ class BlockInitArgs:
         "random: BERT's initialisation; teacher_svd: the teacher's block truncated to --block_d_k per head "
         "(best rank-d_k query-key forms and value paths; needs --block_heads equal to the teacher's)"})
 
+    def init_name(self) -> str:
+        """The run-name part of the start: runs from a truncated teacher block are kept apart."""
+        return "_svd" if self.block_init == "teacher_svd" else ""
+
 
 def check_block_init(args: BlockInitArgs, config, heads: int):
     if args.block_init == "teacher_svd" and heads != config.num_attention_heads:

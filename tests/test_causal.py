@@ -184,15 +184,16 @@ def test_qkv_hooks_match_the_attention_inputs(lms):
     assert torch.equal(store[1]["v"], per_head[..., 2 * d:].reshape(2, 7, -1))
 
 
-def test_ce_only_runs_no_teacher_and_its_loss_is_the_next_token_ce(lms, tmp_path, capsys):
-    args = distill_args(lms, tmp_path, student_init="teacher_layers", student_layers=2, kd_weight=0.0, ce_weight=1.0,
+@pytest.mark.parametrize("ce_weight", [1.0, 0.5])
+def test_ce_only_runs_no_teacher_and_its_loss_is_the_next_token_ce(lms, tmp_path, capsys, ce_weight):
+    args = distill_args(lms, tmp_path, student_init="teacher_layers", student_layers=2, kd_weight=0.0, ce_weight=ce_weight,
                         max_steps=6, eval_steps=3, lr=1e-3)
     run = distill_pythia.run(args)
     log = read_log(run.log_path)
     assert "runs no forwards" in capsys.readouterr().out
     assert not any(log["train"]["teacher_forwards"]) and log["attrs"]["teacher_forwards"] == 0
     assert not any(k.startswith("teacher/") for k in log["final"])
-    # the held-out loss is the student's next-token CE: the mean over held-out batches of Hugging Face's own loss
+    # the held-out loss is ce_weight x the student's next-token CE: the mean over held-out batches of Hugging Face's own loss
     student = AutoModelForCausalLM.from_pretrained(run.checkpoint_dir / "model").eval()
     tok = AutoTokenizer.from_pretrained(lms["teacher"])
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -201,7 +202,7 @@ def test_ce_only_runs_no_teacher_and_its_loss_is_the_next_token_ce(lms, tmp_path
         ce = [float(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss)
               for b in data.Batches(eval_ids, args.batch_size, data.CausalCollator(tok.pad_token_id), shuffle=False).epoch(0)]
     best = int(log["final"]["best_step"])
-    assert log["eval"]["eval_loss"][list(log["eval"]["step"]).index(best)] == pytest.approx(sum(ce) / len(ce), rel=1e-5)
+    assert log["eval"]["eval_loss"][list(log["eval"]["step"]).index(best)] == pytest.approx(ce_weight * sum(ce) / len(ce), rel=1e-5)
 
 
 def test_a_narrow_random_student_has_the_shape_its_flags_give(lms, tmp_path):

@@ -345,12 +345,11 @@ def distillation_loss(args: DistillLMArgs, setup: Setup, module: Distillation, t
         targets, every = targets[flat], flat[flat]
         kw = objective if with_ce else objective | {"ce_weight": 0.0}
 
-        if t is None and rec is None:  # cross-entropy only (--kd_weight 0): no teacher
-            return losses.chunked_distill_loss(hidden, lm_head(module.student), None, None, every, targets,
-                                               chunks=args.loss_chunks, vocab=V, ce_weight=1.0)
-        if rec is None:
-            t_hidden = t.last_hidden_state[:, :-1].reshape(flat.numel(), -1)[flat]  # indexing copies out of inference mode
-            return losses.chunked_distill_loss(hidden, lm_head(module.student), t_hidden, lm_head(teacher), every,
+        if rec is None:  # a live teacher, or none at --kd_weight 0 (the objective is then ce_weight x CE)
+            t_hidden = t_head = None
+            if t is not None:  # indexing copies out of inference mode
+                t_hidden, t_head = t.last_hidden_state[:, :-1].reshape(flat.numel(), -1)[flat], lm_head(teacher)
+            return losses.chunked_distill_loss(hidden, lm_head(module.student), t_hidden, t_head, every,
                                                targets if with_ce else None, chunks=args.loss_chunks, vocab=V, **kw)
 
         def recorded(s_logits, *pieces_mask, targets=None):

@@ -31,7 +31,7 @@ class BlockArgs(TrainArgs, TextDataArgs, StudentBlockArgs, BlockInitArgs):
 
 def default_run_name(args: BlockArgs, heads: int, d_k: int) -> str:
     mode = "_logits" if args.loss_on_logits else "_scores" if args.loss_on_scores else ""
-    return f"block{args.block}_h{heads}_dk{d_k}_{args.criterion}{mode}" + ("_svd" if args.block_init == "teacher_svd" else "")
+    return f"block{args.block}_h{heads}_dk{d_k}_{args.criterion}{mode}{args.init_name()}"
 
 
 def check(args: BlockArgs):

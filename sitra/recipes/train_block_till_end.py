@@ -39,8 +39,7 @@ def check(args: BlockToEndArgs):
 
 
 def default_run_name(args: BlockToEndArgs, heads: int, d_k: int) -> str:
-    return (f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_{args.weights_name()}"
-            + ("_svd" if args.block_init == "teacher_svd" else ""))
+    return f"to_end_block{args.block}_h{heads}_dk{d_k}_T{args.temperature:g}_{args.weights_name()}{args.init_name()}"
 
 
 def teacher_pass(teacher):
