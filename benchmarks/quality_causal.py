@@ -7,9 +7,10 @@ deep as the teacher but narrower (`--student_init random --student_heads --stude
 2/3 of the heads, feed-forward sized to the cut student's parameter count). Each trains for the
 same optimizer steps on the same packed blocks of WikiText-2's valid.txt with (a) next-token
 cross-entropy only, (b) forward KL to the live teacher, (c) KL + CE (0.5 each), (d) forward KL to
-top-k teacher records (`record_teacher` once). `eval_lm` then scores every model on one fixed piece
-of test.txt. A learning-rate sweep of the cut student from the records, and its live forward KL at the
-temperatures of sweep_temperatures, check distill_pythia's default --lr and --temperature.
+top-k teacher records and (e) to records of k tokens drawn from the teacher (`record_teacher` once
+each). `eval_lm` then scores every model on one fixed piece of test.txt. A learning-rate sweep of the
+cut student from the sampled records, and its live forward KL at the temperatures of
+sweep_temperatures, check distill_pythia's default --lr and --temperature.
 """
 import dataclasses
 import sys
@@ -30,9 +31,9 @@ class Scale:
     lr_narrow: float    # the random student
     val_tokens: int     # held out from valid.txt: each run's checkpoint choice
     test_tokens: int | None  # the fixed piece of test.txt every row is scored on (None: all of it)
-    top_k: int          # teacher records: ids kept per position
+    top_k: int          # teacher records: ids kept per position (top-k), tokens drawn per position (sampled)
     temperature: float = 1.0  # of the KL rows (distill_pythia's default) and of the records
-    sweep_lrs: tuple = ()  # learning rates of the sweep (cut student, forward KL from the records)
+    sweep_lrs: tuple = ()  # learning rates of the sweep (cut student, forward KL from the sampled records)
     sweep_temperatures: tuple = ()  # more temperatures of the cut student's live forward KL
     eval_batch: int = 8
     all_train: bool = False  # train on all of valid.txt (past val.txt), repeated as the steps need
@@ -42,7 +43,7 @@ SCALES = {
     "toy": Scale(seq=32, batch=4, steps=4, warmup=1, lr_cut=3e-3, lr_narrow=3e-3, val_tokens=96, test_tokens=256, top_k=8, sweep_lrs=(3e-3, 1e-2),
                  sweep_temperatures=(2.0,)),
     "default": Scale(seq=128, batch=4, steps=64, warmup=6, lr_cut=1e-3, lr_narrow=1e-3, val_tokens=512,
-                     test_tokens=4096, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3, 3e-3),
+                     test_tokens=4096, top_k=64, sweep_lrs=(3e-4, 1e-3, 3e-3),
                      sweep_temperatures=(2.0,)),
     "full": Scale(seq=256, batch=16, steps=600, warmup=60, lr_cut=3e-4, lr_narrow=1e-3, val_tokens=8192,
                   test_tokens=None, top_k=64, sweep_lrs=(1e-4, 3e-4, 1e-3), eval_batch=16, all_train=True),
@@ -60,7 +61,13 @@ OBJECTIVES = {  # row key -> (what it is, flags)
     "kl": ("forward KL", ["--kd_weight", "1", "--ce_weight", "0"]),
     "klce": ("KL + CE (0.5 each)", ["--kd_weight", "0.5", "--ce_weight", "0.5"]),
     "rec": ("forward KL, top-k records", ["--kd_weight", "1", "--ce_weight", "0"]),
+    "smp": ("forward KL, sampled records", ["--kd_weight", "1", "--ce_weight", "0"]),
 }
+RECORDS = {"rec": ("causal_teacher", "top_k"), "smp": ("causal_teacher_sampled", "random")}  # key -> (folder, sampling)
+
+
+def records_kind(key: str, k: int) -> str:
+    return f"top-{k}" if RECORDS[key][1] == "top_k" else f"{k} draws"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +161,9 @@ def expected_seconds(scale: Scale) -> dict:
     scored = 2 * (scale.test_tokens or 280_000)  # windows overlap by half
     out["eval_lm"] = c["eval_fixed_s"] + scored / c["teacher_forward"] + 10 * scored / c["student_forward"]
     out = {k: v / c["two_threads"] for k, v in out.items()}
-    out["all"] = 2 * sum(out[f"{s} {k}"] for s in ("cut", "narrow") for k in ("live", "records")) \
-        + out["record_teacher"] + out["eval_lm"]
+    sweeps = len(set(scale.sweep_lrs) - {scale.lr_cut}) * out["cut records"] + len(scale.sweep_temperatures) * out["cut live"]
+    out["all"] = sum(2 * out[f"{s} live"] + 3 * out[f"{s} records"] for s in ("cut", "narrow")) \
+        + len(RECORDS) * out["record_teacher"] + out["eval_lm"] + sweeps
     return out
 
 
@@ -196,7 +204,7 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
     layers_cut = max(1, n_teacher // 2)
     heads, width = narrow_shape(teacher_config, layers_cut)
     text = prepare_text(inputs, sc, models.load_tokenizer(teacher), work / "causal_text")
-    records = work / "records" / "causal_teacher"
+    records = {key: work / "records" / folder for key, (folder, _) in RECORDS.items()}
     data = ["--train_file", text["train"], "--eval_file", text["val"], "--max_seq_length", sc.seq, "--packing",
             "--storage_directory", runner.storage]
     kd = ["--temperature", sc.temperature]
@@ -210,8 +218,10 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
              f"{est['narrow records']:.0f} s, record_teacher {est['record_teacher']:.0f} s, eval_lm {est['eval_lm']:.0f} s)"),
           flush=True)
 
-    record_s = runner.run("record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data, *kd,
-                          "--output", records, "--top_k", sc.top_k, "--run_name", "causal_records")
+    record_s = {key: runner.run("record_teacher", "--job", "distill_pythia", "--teacher", teacher, *data, *kd,
+                                "--output", records[key], "--top_k", sc.top_k, "--teacher_logits_sampling", sampling,
+                                "--run_name", f"causal_records_{key}")
+                for key, (_, sampling) in RECORDS.items()}
     rows = [Row(s, "before", None, str(work / "checkpoints" / f"causal_{s}_kl" / "student_before")) for s in ("cut", "narrow")]
     starts = {"cut": ["--student_init", "teacher_layers", "--student_layers", layers_cut],
               "narrow": ["--student_init", "random", "--student_layers", n_teacher, "--student_heads", heads,
@@ -221,18 +231,18 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
         # from records the cut student starts from the live runs' saved start (records hold no teacher weights);
         # the random one is rebuilt from the records' config with the same seed
         recorded_start = ["--student_init", "pretrained", "--student", rows[0].model] if student == "cut" else starts[student]
-        for key in ("kl", "klce", "ce", "rec"):
+        for key in ("kl", "klce", "ce", *RECORDS):
             name = f"causal_{student}_{key}"
-            source = ["--teacher_logits", records, *recorded_start] if key == "rec" else ["--teacher", teacher, *starts[student]]
+            source = ["--teacher_logits", records[key], *recorded_start] if key in RECORDS else ["--teacher", teacher, *starts[student]]
             wall = runner.run("distill_pythia", *source, *data, *kd, *training, *lr, *OBJECTIVES[key][1], "--run_name", name)
             rows.append(Row(student, key, name, str(work / "checkpoints" / name / "model"), wall))
 
-    sweep = {sc.lr_cut: "causal_cut_rec"}  # item 4: the learning rate of the cut student, from the records
+    sweep = {sc.lr_cut: "causal_cut_smp"}  # item 4: the learning rate of the cut student, from the sampled records
     for lr in sc.sweep_lrs:
         if lr not in sweep:
-            sweep[lr] = f"causal_cut_rec_lr{lr:g}"
-            runner.run("distill_pythia", "--teacher_logits", records, "--student_init", "pretrained", "--student", rows[0].model,
-                       *data, *kd, *training, "--lr", lr, *OBJECTIVES["rec"][1], "--run_name", sweep[lr])
+            sweep[lr] = f"causal_cut_smp_lr{lr:g}"
+            runner.run("distill_pythia", "--teacher_logits", records["smp"], "--student_init", "pretrained", "--student",
+                       rows[0].model, *data, *kd, *training, "--lr", lr, *OBJECTIVES["smp"][1], "--run_name", sweep[lr])
     temperatures = {sc.temperature: "causal_cut_kl"}  # and the temperature of the live forward KL
     for t in sc.sweep_temperatures:
         temperatures[t] = f"causal_cut_kl_T{t:g}"
@@ -241,7 +251,7 @@ def section(scale: str, inputs: Inputs, runner: Runner) -> str:
 
     from sitra.recipes.eval_lm import label
 
-    order = ("before", "ce", "kl", "klce", "rec")
+    order = ("before", "ce", "kl", "klce", *RECORDS)
     rows.sort(key=lambda r: (r.student != "cut", order.index(r.key)))
     model_paths = [teacher] + [r.model for r in rows]
     eval_s = runner.run("eval_lm", "--models", *model_paths, "--eval_file", text["test"], "--max_seq_length", sc.seq,
@@ -277,12 +287,12 @@ def run_numbers(storage: Path, run: str) -> dict:
 
 
 def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows: list[Row], labels: list[str],
-           record_s: float, eval_s: float, layers_cut: int, n_teacher: int, sweep: dict, temperatures: dict) -> str:
+           record_s: dict, eval_s: float, layers_cut: int, n_teacher: int, sweep: dict, temperatures: dict) -> str:
     from quality_common import final_metrics, parameter_counts
 
     storage = runner.storage
     evals = final_metrics(storage, "causal_eval")
-    recorded = final_metrics(storage, "causal_records")
+    recorded = {key: final_metrics(storage, f"causal_records_{key}") for key in RECORDS}
 
     def scored(i):
         return evals[f"{labels[i]}/perplexity"], evals[f"{labels[i]}/accuracy"]
@@ -291,8 +301,9 @@ def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows
               "held-out perplexity", "top-1 accuracy"]
     ppl, acc = scored(0)
     table = [["teacher", "–", int(evals[f"{labels[0]}/parameters"]), None, None, None, None, ppl, acc],
-             ["(records)", f"record_teacher, top-{sc.top_k}", None, int(recorded["tokens"]), record_s,
-              recorded["tokens"] / record_s, None, None, None]]
+             *(["(records)", f"record_teacher, {records_kind(key, sc.top_k)}", None, int(recorded[key]["tokens"]), record_s[key],
+                recorded[key]["tokens"] / record_s[key], None, None, None]
+               for key in RECORDS)]
     results = {}
     for i, r in enumerate(rows, start=1):
         ppl, acc = scored(i)
@@ -314,8 +325,8 @@ def report(sc: Scale, scale: str, runner: Runner, start: int, teacher: str, rows
         "## Causal LM: distillation against its honest baseline", "",
         intro, "",
         markdown_table(header, table), "",
-        *notes(results, record_s, recorded), "",
-        *sweep_block(storage, sweep, "lr", "Learning rate (cut student, forward KL from the records, the same budget)"), "",
+        *notes(results, record_s, sc.top_k), "",
+        *sweep_block(storage, sweep, "lr", "Learning rate (cut student, forward KL from the sampled records, the same budget)"), "",
         *sweep_block(storage, temperatures, "temperature", "Temperature (cut student, forward KL to the live teacher, the same budget)"), "",
         runner.table(start), "",
     ])
@@ -344,28 +355,33 @@ def fmt_tokens(n: int | None) -> str:
     return "all tokens" if n is None else f"~{n:,} tokens"
 
 
-def notes(results: dict, record_s: float, recorded: dict) -> list[str]:
+def notes(results: dict, record_s: dict, k: int) -> list[str]:
     """Which aims the table meets, in numbers."""
-    lines = []
+    lines, kd = [], ("kl", "klce", *RECORDS)
     for student in ("cut", "narrow"):
         ce = results[(student, "ce")]["perplexity"]
-        beats = [k for k in ("kl", "klce", "rec") if results[(student, k)]["perplexity"] < ce]
-        lines.append(f"- {student}: {len(beats)} of 3 KD rows beat CE-only (perplexity {ce:.4g}) at the same budget"
-                     + (f"; not: {', '.join(OBJECTIVES[k][0] for k in ('kl', 'klce', 'rec') if k not in beats)}"
-                        if len(beats) < 3 else "") + ".")
-        live, rec = results[(student, "kl")], results[(student, "rec")]
-        lines.append(f"- {student}: records vs live teacher (forward KL): perplexity {rec['perplexity']:.4g} vs "
-                     f"{live['perplexity']:.4g} ({100 * (rec['perplexity'] / live['perplexity'] - 1):+.1f}%), "
-                     f"training {rec['tokens_per_s']:.0f} vs {live['tokens_per_s']:.0f} tokens/s, wall "
-                     f"{rec['wall_s']:.0f} s vs {live['wall_s']:.0f} s (the recording, {record_s:.0f} s, "
-                     "is shared by every records row).")
+        beats = [key for key in kd if results[(student, key)]["perplexity"] < ce]
+        lines.append(f"- {student}: {len(beats)} of {len(kd)} KD rows beat CE-only (perplexity {ce:.4g}) at the same budget"
+                     + (f"; not: {', '.join(OBJECTIVES[key][0] for key in kd if key not in beats)}"
+                        if len(beats) < len(kd) else "") + ".")
+        live = results[(student, "kl")]
+        for key in RECORDS:
+            rec = results[(student, key)]
+            lines.append(f"- {student}: records ({records_kind(key, k)}) vs live teacher (forward KL): perplexity {rec['perplexity']:.4g} vs "
+                         f"{live['perplexity']:.4g} ({100 * (rec['perplexity'] / live['perplexity'] - 1):+.1f}%), "
+                         f"training {rec['tokens_per_s']:.0f} vs {live['tokens_per_s']:.0f} tokens/s, wall "
+                         f"{rec['wall_s']:.0f} s vs {live['wall_s']:.0f} s (the recording, {record_s[key]:.0f} s, "
+                         "is shared by both students).")
         if any(results[(student, k)]["best_step"] == 0 for k in OBJECTIVES):
             lines.append(f"- {student}: a run whose best step is 0 never beat its start on the held-out piece of "
                          "valid.txt; its row is the student before training.")
     lines.append("- The CE-only rows run `distill_pythia --kd_weight 0`, which runs no teacher forwards (the teacher "
                  "is loaded only to copy the cut student's layers): their wall time is the baseline's own.")
-    lines.append("- Each live-teacher row runs its own teacher forwards; the records are the one teacher pass the "
-                 "records rows share.")
+    lines.append("- Each live-teacher row runs its own teacher forwards; each kind of records is one teacher pass "
+                 "that both students' rows share. Top-k records keep the k likeliest ids and lump the rest of the "
+                 "teacher's mass into one bin, the same tail dropped at every step; sampled records "
+                 "(`record_teacher --teacher_logits_sampling random`) keep k tokens drawn from the teacher, whose "
+                 "loss and gradients equal the full forward KL's in expectation.")
     lines.append("- Tokens seen: what the run's log counts per step, or, where the log does not count them, steps x "
                  "batch x block length (packing leaves the last block of train.txt shorter: a run that draws it sees "
                  "fewer).")

@@ -14,9 +14,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality_causal as qc
 from quality_common import Inputs, Runner
 
-ROWS = [("teacher", "–"), ("(records)", "record_teacher, top-8")] + [
+ROWS = [("teacher", "–"), ("(records)", "record_teacher, top-8"), ("(records)", "record_teacher, 8 draws")] + [
     (s, o) for s in ("cut", "narrow") for o in ("before training", "next-token CE only", "forward KL",
-                                                "KL + CE (0.5 each)", "forward KL, top-k records")]
+                                                "KL + CE (0.5 each)", "forward KL, top-k records",
+                                                "forward KL, sampled records")]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_tokens_seen_are_steps_times_batch_times_length(toy):
     last block is short; where the log counts tokens, a run that draws it reports them)."""
     sc = qc.SCALES["toy"]
     assert (sc.steps, sc.batch, sc.seq) == (4, 4, 32)
-    for r in table_rows(toy["block"])[2:]:
+    for r in table_rows(toy["block"])[3:]:
         if r[1] == "before training":
             assert number(r[3]) == 0
         else:
@@ -108,7 +109,7 @@ def test_records_and_ce_rows_never_ran_the_teacher_and_kd_rows_did(toy):
 
     work = toy["dir"] / "work"
     for student in ("cut", "narrow"):
-        for key, forwards in (("kl", 1), ("klce", 1), ("ce", 0), ("rec", 0)):
+        for key, forwards in (("kl", 1), ("klce", 1), ("ce", 0), ("rec", 0), ("smp", 0)):
             log = read_log(work / "eval_results" / f"causal_{student}_{key}.h5")
             assert set(log["train"]["teacher_forwards"]) == {forwards}
             assert len(log["train"]["step"]) == 4
@@ -139,21 +140,22 @@ def test_every_row_of_a_student_starts_from_the_same_weights(toy):
     work = toy["dir"] / "work" / "checkpoints"
     for student in ("cut", "narrow"):
         first = load_file(work / f"causal_{student}_kl" / "student_before" / "model.safetensors")
-        for key in ("klce", "ce", "rec"):
+        for key in ("klce", "ce", "rec", "smp"):
             other = load_file(work / f"causal_{student}_{key}" / "student_before" / "model.safetensors")
             assert first.keys() == other.keys() and all(torch.equal(first[k], other[k]) for k in first), (student, key)
 
 
 def test_the_commands_are_listed(toy):
     block = toy["block"]
-    assert block.count("python jobs/distill_pythia.py") == 8 + 1 + 1  # and one more learning rate and temperature
-    assert block.count("python jobs/record_teacher.py") == 1 and block.count("python jobs/eval_lm.py") == 1
-    assert block.count("--student_heads 3 --student_intermediate_size") == 4
+    assert block.count("python jobs/distill_pythia.py") == 10 + 1 + 1  # and one more learning rate and temperature
+    assert block.count("python jobs/record_teacher.py") == 2 and block.count("python jobs/eval_lm.py") == 1
+    assert block.count("--top_k 8 --teacher_logits_sampling random") == 1 and block.count("--top_k 8 --teacher_logits_sampling top_k") == 1
+    assert block.count("--student_heads 3 --student_intermediate_size") == 5
 
 
 @pytest.mark.parametrize("title,flag,values,runs", [
-    ("Learning rate (cut student, forward KL from the records, the same budget)", "lr", ["0.003", "0.01"],
-     ["causal_cut_rec", "causal_cut_rec_lr0.01"]),
+    ("Learning rate (cut student, forward KL from the sampled records, the same budget)", "lr", ["0.003", "0.01"],
+     ["causal_cut_smp", "causal_cut_smp_lr0.01"]),
     ("Temperature (cut student, forward KL to the live teacher, the same budget)", "temperature", ["1 (default)", "2"],
      ["causal_cut_kl", "causal_cut_kl_T2"])], ids=["lr", "temperature"])
 def test_the_sweeps_compare_the_runs_own_held_out_perplexity(toy, title, flag, values, runs):
