@@ -17,7 +17,8 @@ Scales (--scale):
     python benchmarks/quality.py --scale full         # on a GPU
 
 Checkpoints and HDF5 logs go to --workdir (default quality_runs/<scale>); a rerun resumes the
-finished and interrupted runs there.
+finished and interrupted runs there. The default scale leaves about 30 GB there: each causal run keeps
+its resumable checkpoint (weights and optimizer, 0.9 GB), its best weights and its model folder.
 """
 import argparse
 import importlib
@@ -106,6 +107,13 @@ def results_path(args, workdir: Path) -> Path:
     return workdir / "results.md" if args.scale == "toy" else ROOT / "docs" / "results.md"
 
 
+def at_commit() -> str:
+    from sitra.results import git_commit
+
+    commit = git_commit()
+    return f" at commit {commit[:10]}" if commit else ""
+
+
 def header(argv: list[str], wall_s: float, jobs_s: float, sections: list[str], workdir: Path) -> str:
     """`jobs_s`: the jobs' wall seconds when each first ran (a rerun finds finished jobs and checks them)."""
     command = " ".join(["python benchmarks/quality.py", *(shlex.quote(show_path(a) if Path(a).is_absolute() else a)
@@ -115,7 +123,7 @@ def header(argv: list[str], wall_s: float, jobs_s: float, sections: list[str], w
     return "\n".join([
         "# sitra results on real teachers",
         "",
-        f"Made by `{command}` on {time.strftime('%Y-%m-%d')}: {machine()}; "
+        f"Made by `{command}` on {time.strftime('%Y-%m-%d')}{at_commit()}: {machine()}; "
         f"{wall_s / 60:.1f} minutes in all ({', '.join(sections)}){rerun}. Every number below comes from the jobs' "
         f"HDF5 logs (one per job) in `{show_path(workdir)}/eval_results/`.",
         "",

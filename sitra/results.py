@@ -37,7 +37,8 @@ def config_dict(args) -> dict:
     return as_used(json.loads(json.dumps(dataclasses.asdict(args), default=str)))
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The commit of the sitra checkout that runs (empty outside a git checkout): logs and results name it."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
@@ -112,7 +113,7 @@ class RunLog:
         self._prior_wall, self._started_at = 0.0, time.strftime("%Y-%m-%dT%H:%M:%S")
         self._attrs = {
             "job": job, "run_name": run_name, "config": json.dumps(config, sort_keys=True),
-            "sitra_version": __version__, "git_commit": _git_commit(), "job_id": job_id(),
+            "sitra_version": __version__, "git_commit": git_commit(), "job_id": job_id(),
             "host": socket.gethostname(), "status": "running", "error": "",
             "not_part_of_run": json.dumps(sorted(not_part_of_run)),
         }

@@ -168,12 +168,22 @@ class Trainee:
     select: str = "eval_loss"
 
 
+def _without_folders(value):
+    """A flag's value with every path cut to its last part: a folder moved, a clone elsewhere or
+    data staged to a node's scratch disk keep the student's random stream."""
+    if isinstance(value, str) and ("/" in value or os.sep in value):
+        return os.path.basename(os.path.normpath(value))
+    if isinstance(value, (list, tuple)):
+        return [_without_folders(v) for v in value]
+    return value
+
+
 def random_stream(seed: int, student_config: dict, rank: int) -> dict:
     """The RNG state (dropout) of one trainee in one process, derived from the seed, the flags
     that make the student (`Run.student_config`: not its name or folder, nor whether its teacher
-    runs live or from records) and the rank: what a student draws does not depend on which other
-    students share its loop."""
-    identity = json.dumps(student_config, sort_keys=True, default=str)
+    runs live or from records; of paths, only their last part) and the rank: what a student draws
+    does not depend on which other students share its loop, nor on where its files lie."""
+    identity = json.dumps({k: _without_folders(v) for k, v in student_config.items()}, sort_keys=True, default=str)
     key = [int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little"), rank]
     state = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):

@@ -71,6 +71,19 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_teacher, text_files, tmp_
     assert steps == list(range(1, 9))  # nothing lost, nothing repeated
 
 
+def test_the_same_command_from_another_folder_trains_the_same(tiny_teacher, text_files, tmp_path):
+    """The teacher and the data copied elsewhere (a clone in another folder, data staged to a
+    node's scratch disk): the same flags train bit for bit the same student, dropout included."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_teacher, moved / "teacher")
+    shutil.copytree(text_files, moved / "text")
+    run(block_args(tiny_teacher, text_files, tmp_path / "here"))
+    run(block_args(str(moved / "teacher"), moved / "text", tmp_path / "there"))
+    assert_same_run(tmp_path / "here", tmp_path / "there")
+
+
 def test_resume_across_epochs_with_accumulation(tiny_teacher, text_files, tmp_path):
     # 160 lines / 8 = 20 micro-batches = 10 steps per epoch; 25 steps cross two epoch ends
     kw = dict(max_steps=25, eval_steps=0, save_steps=0, save_checkpoint_every=0.5)
