@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_common import ROOT, SCALES, Inputs, Runner, machine, show_path  # noqa: E402
 
 from sitra.errors import UsageError  # noqa: E402
+from sitra.results import git_commit  # noqa: E402
 
 SECTIONS = ("encoder", "causal")
 SHARED = ROOT.parent / "shared" / "data"
@@ -108,8 +109,6 @@ def results_path(args, workdir: Path) -> Path:
 
 
 def at_commit() -> str:
-    from sitra.results import git_commit
-
     commit = git_commit()
     return f" at commit {commit[:10]}" if commit else ""
 

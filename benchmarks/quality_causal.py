@@ -355,7 +355,7 @@ def fmt_tokens(n: int | None) -> str:
     return "all tokens" if n is None else f"~{n:,} tokens"
 
 
-def notes(results: dict, record_s: dict, k: int) -> list[str]:
+def notes(results: dict, record_s: dict, top_k: int) -> list[str]:
     """Which aims the table meets, in numbers."""
     lines, kd = [], ("kl", "klce", *RECORDS)
     for student in ("cut", "narrow"):
@@ -367,7 +367,7 @@ def notes(results: dict, record_s: dict, k: int) -> list[str]:
         live = results[(student, "kl")]
         for key in RECORDS:
             rec = results[(student, key)]
-            lines.append(f"- {student}: records ({records_kind(key, k)}) vs live teacher (forward KL): perplexity {rec['perplexity']:.4g} vs "
+            lines.append(f"- {student}: records ({records_kind(key, top_k)}) vs live teacher (forward KL): perplexity {rec['perplexity']:.4g} vs "
                          f"{live['perplexity']:.4g} ({100 * (rec['perplexity'] / live['perplexity'] - 1):+.1f}%), "
                          f"training {rec['tokens_per_s']:.0f} vs {live['tokens_per_s']:.0f} tokens/s, wall "
                          f"{rec['wall_s']:.0f} s vs {live['wall_s']:.0f} s (the recording, {record_s[key]:.0f} s, "

@@ -1,5 +1,6 @@
 """The training loop: a stopped or killed run resumes to exactly the uninterrupted result."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,8 +75,6 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_teacher, text_files, tmp_
 def test_the_same_command_from_another_folder_trains_the_same(tiny_teacher, text_files, tmp_path):
     """The teacher and the data copied elsewhere (a clone in another folder, data staged to a
     node's scratch disk): the same flags train bit for bit the same student, dropout included."""
-    import shutil
-
     moved = tmp_path / "elsewhere"
     shutil.copytree(tiny_teacher, moved / "teacher")
     shutil.copytree(text_files, moved / "text")
